@@ -1,0 +1,59 @@
+"""Stage name → the function that runs it, imported only when that stage runs (so a stage's heavy imports, or
+a missing optional dependency, never slow down or break another stage)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    target: str  # "module:function" with signature run(cfg, ctx) -> dict
+    help: str
+    needs_ray: bool = True
+
+    def load(self) -> Callable:
+        module, func = self.target.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+_SPECS = [
+    StageSpec("demo_data", "stages.data.demo_data:run", "generate the synthetic captioned demo image folder", False),
+    StageSpec("ingest", "stages.data.ingest:run", "read a folder / URL list / shards into parquet parts"),
+    StageSpec("filter", "stages.data.filter:run", "reject broken, bomb, duplicate, out-of-range images; scores"),
+    StageSpec("caption", "stages.data.caption:run", "add a synthetic caption (CoCa or BLIP) beside the original"),
+    StageSpec("buckets", "stages.data.buckets:run", "size metadata, aspect buckets, WebDataset shards, manifest"),
+    StageSpec("data", "stages.data.pipeline:run", "ingest → filter → caption → buckets"),
+    StageSpec("model_summary", "stages.model_summary:run", "parameter counts of a preset (meta device)", False),
+    StageSpec("demo", "pipeline.workflow:run_demo", "the whole chain on generated demo data at the tiny preset"),
+]
+STAGES: dict[str, StageSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def get_stage(name: str) -> StageSpec:
+    try:
+        return STAGES[name]
+    except KeyError:
+        known = ", ".join(STAGES)
+        raise ValueError(f"unknown stage={name!r}; known stages: {known}") from None
+
+
+def help_text() -> str:
+    width = max(len(n) for n in STAGES)
+    lines = [
+        "usage: python pipeline/run.py stage=<name> [preset=tiny|full] [key=value ...]",
+        "       ray job submit --address http://HEAD:8265 --working-dir . -- python pipeline/run.py stage=<name> ...",
+        "",
+        "stages:",
+    ]
+    lines += [f"  {spec.name:<{width}}  {spec.help}" for spec in _SPECS]
+    lines += [
+        "",
+        "common keys: paths.root=DIR_OR_URI  ingest.source=PATH_OR_URI  mlflow.tracking_uri=URI",
+        "             cluster.num_workers=N  cluster.use_gpu=true  train.max_steps=N  train.strategy=ddp|fsdp|deepspeed",
+        "show the composed config: python pipeline/run.py stage=<name> --cfg job",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""SDXL model core: buckets, crops, presets, models, conditioner, diffusion and sampling (no Ray, no MLflow)."""
