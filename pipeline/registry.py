@@ -28,6 +28,8 @@ _SPECS = [
     StageSpec("buckets", "stages.data.buckets:run", "size metadata, aspect buckets, WebDataset shards, manifest"),
     StageSpec("data", "stages.data.pipeline:run", "ingest → filter → caption → buckets"),
     StageSpec("model_summary", "stages.model_summary:run", "parameter counts of a preset (meta device)", False),
+    StageSpec("export", "stages.export:run", "diffusers folders + single-file SDXL checkpoints under <root>/export",
+              False),
     StageSpec("demo", "pipeline.workflow:run_demo", "the whole chain on generated demo data at the tiny preset"),
 ]
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in _SPECS}

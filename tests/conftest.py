@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on a 2-core machine: one intra-op thread per process is several times faster than two fighting
+# over the cores with Ray workers and other processes (measured: 0.06 s vs 4.6 s per tiny UNet forward under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -37,3 +40,55 @@ def make_ctx(tmp_path):
         return StageContext(root=str(root or tmp_path / "root"), stage=stage, dataset=dataset)
 
     return _make
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) on 127.0.0.1 for the session; yields the env that points clients at it.
+
+    pyarrow, boto3 and MLflow all honour AWS_ENDPOINT_URL, so the same `s3://` URIs a cluster uses work here.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {"port": port, "env": env}
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields its s3:// URI."""
+    import uuid
+
+    import boto3
+
+    name = f"sdxl-test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server["env"]["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -1,0 +1,84 @@
+"""Run every benchmark in one process and write benchmarks/RESULTS.md.
+
+    python benchmarks/run.py                # all
+    python benchmarks/run.py data sampler   # some (module names without the bench_ prefix)
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+BENCHMARKS = ["data", "sampler", "train", "serve"]
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def render(results: dict[str, dict], started: float) -> str:
+    import torch
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in one run of "
+        f"`python benchmarks/run.py` ({time.time() - started:.0f} s) on {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}.",
+        "Ratios compare against a baseline measured in the same run; goals are the issues' targets.",
+        "",
+    ]
+    for name, figures in results.items():
+        lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {key} | {_format(value)} |" for key, value in figures.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    chosen = argv or BENCHMARKS
+    unknown = [n for n in chosen if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; known: {BENCHMARKS}", file=sys.stderr)
+        return 2
+    started = time.time()
+    results: dict[str, dict] = {}
+    failed = False
+    for name in chosen:
+        print(f"== benchmark {name}", flush=True)
+        try:
+            results[name] = importlib.import_module(f"benchmarks.bench_{name}").main()
+        except Exception as err:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+            failed = True
+        print(json.dumps(results[name], indent=2, default=str), flush=True)
+    report = render(results, started)
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    with open(out + ".tmp", "w") as f:
+        f.write(report)
+    os.replace(out + ".tmp", out)
+    print(f"wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

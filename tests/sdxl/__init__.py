@@ -1,0 +1,1 @@
+"""Tests of the SDXL model core (sdxl/)."""
