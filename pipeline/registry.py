@@ -28,6 +28,8 @@ _SPECS = [
     StageSpec("buckets", "stages.data.buckets:run", "size metadata, aspect buckets, WebDataset shards, manifest"),
     StageSpec("data", "stages.data.pipeline:run", "ingest → filter → caption → buckets"),
     StageSpec("model_summary", "stages.model_summary:run", "parameter counts of a preset (meta device)", False),
+    StageSpec("evaluate", "stages.evaluate.stage:run",
+              "FID / CLIP score / IS over guidance scales (Fig. 12), or VAE PSNR/SSIM/LPIPS/rFID", False),
     StageSpec("export", "stages.export:run", "diffusers folders + single-file SDXL checkpoints under <root>/export",
               False),
     StageSpec("serve", "stages.serve.app:run", "Ray Serve app on 127.0.0.1:8000: text encoders → base → refiner → VAE"),
