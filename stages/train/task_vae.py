@@ -1,0 +1,237 @@
+"""Training task of the autoencoder (SDXL Sec. 2.4; the LDM autoencoder objective).
+
+loss = reconstruction (L1 or L2, mean per pixel element) + ``lpips_weight`` · LPIPS (only with
+``train.vae.lpips_weights``) + ``kl_weight`` · KL(posterior ‖ N(0, I)) summed over latent elements / pixel elements
+(the LDM ratio, so its ``kl_weight`` 1e-6 carries over) + ``gan_weight`` · hinge generator loss of a patch-GAN
+discriminator from step ``gan_start_step`` on.
+
+The discriminator is the task's own module with its own AdamW, stepped inside :meth:`VAETask.loss` on detached
+reconstructions (its gradients are averaged over ranks by hand): the trainer's optimizer, EMA and checkpoints
+cover the autoencoder only, so a resumed run restarts the discriminator from scratch. The generator term evaluates
+the discriminator with detached parameters (``torch.func.functional_call``), so it never pushes the discriminator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from sdxl.checkpoint import load_into
+from sdxl.crops import bucket_crop_resize
+from sdxl.diffusion import make_noise
+from sdxl.models import build_vae
+from sdxl.presets import get_preset
+from sdxl.sampling import to_pil
+from stages.train.data_loader import decode_rgb, pil_to_tensor
+from stages.train.data_manifest import dataset_dir_from_cfg, select_samples
+from stages.train.data_shards import TarShardReader, sample_member
+from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, resolve_init_from,
+                                save_module_pretrained, task_option)
+
+VAE_DEFAULTS = {"recon_loss": "l1", "kl_weight": 1e-6, "lpips_weights": None, "lpips_weight": 1.0,
+                "gan_weight": 0.5, "gan_start_step": 50, "disc_channels": 64, "disc_layers": 3, "disc_lr": 1e-4,
+                "num_samples": 4}
+
+
+class AutoencoderForTraining(nn.Module):
+    """The trained module: the AutoencoderKL plus a forward that returns what the loss needs in one call (so
+    DDP / FSDP see a single forward through the wrapper)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, noise: torch.Tensor | None = None):
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mean if noise is None else posterior.mean + posterior.std * noise
+        recon = self.vae.decode(latents).sample
+        return recon, posterior.mean, posterior.logvar
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix / LDM N-layer patch discriminator (GroupNorm instead of BatchNorm: micro-batches are small)."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2 ** i, 8)
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
+                     nn.LeakyReLU(0.2)]
+            width = out
+        mods.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS (VGG16 variant): channel-normalised VGG features at relu1_2..relu5_3, squared differences weighted by
+    the learned linear heads, averaged over space, summed over layers. Weights come only from a file."""
+
+    _CUTS = (4, 9, 16, 23, 30)
+    _CHANNELS = (64, 128, 256, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers
+
+        # VGG16's convolutional trunk only (the same module indices as torchvision's vgg16().features).
+        self.features = make_layers(cfgs["D"])[: self._CUTS[-1]]
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self._CHANNELS)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.shift) / self.scale
+        taps, start = [], 0
+        for cut in self._CUTS:
+            x = self.features[start:cut](x)
+            taps.append(x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
+            start = cut
+        return taps
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image distance [B] between images in [-1, 1]."""
+        return sum(lin((fa - fb) ** 2).mean(dim=(1, 2, 3)) for lin, fa, fb in zip(self.lins, self._taps(a), self._taps(b)))
+
+
+def vae_settings(cfg) -> dict:
+    section = task_option(cfg, "vae") or {}
+    return {k: section.get(k, default) for k, default in VAE_DEFAULTS.items()}
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, 1)) summed over each sample's latent elements: [B]."""
+    logvar = logvar.clamp(-30.0, 20.0)
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
+
+
+class VAETask(TrainTask):
+    model_name = "vae"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.preset = get_preset(str(cfg.model.preset))
+        self.settings = vae_settings(cfg)
+        if self.settings["recon_loss"] not in ("l1", "l2"):
+            raise ValueError(f"train.vae.recon_loss must be 'l1' or 'l2', got {self.settings['recon_loss']!r}")
+        if bool(cfg.loader.get("cached", False)):
+            raise ValueError("train.task=vae trains on pixels: set loader.cached=false")
+        self.init_path = resolve_init_from(cfg)
+        self.device = torch.device("cpu")
+        self.discriminator = None
+        self.disc_optimizer = None
+        self.perceptual = None
+
+    def build_model(self) -> nn.Module:
+        vae = build_vae(self.preset, seed=int(task_option(self.cfg, "seed")))
+        if self.init_path is not None:
+            load_module_weights(vae, self.init_path)
+        return AutoencoderForTraining(vae).train().requires_grad_(True)
+
+    def setup(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        s = self.settings
+        if float(s["gan_weight"]) > 0:
+            with torch.random.fork_rng(devices=[]):  # same initial discriminator on every rank
+                torch.manual_seed(int(task_option(self.cfg, "seed")) + 17)
+                self.discriminator = PatchDiscriminator(int(s["disc_channels"]), int(s["disc_layers"]))
+            self.discriminator.to(self.device).train()
+            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=float(s["disc_lr"]),
+                                                    betas=(0.5, 0.9))
+        if s["lpips_weights"]:
+            perceptual = PerceptualLoss()
+            load_into(perceptual, str(s["lpips_weights"]))  # names the file when keys or shapes do not fit
+            self.perceptual = perceptual.to(self.device).eval().requires_grad_(False)
+
+    def wrap_units(self, model: nn.Module) -> list[nn.Module]:
+        return [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """One hinge-loss update of the discriminator on detached images; gradients averaged over ranks."""
+        params = list(self.discriminator.parameters())
+        d_loss = F.relu(1.0 - self.discriminator(real)).mean() + F.relu(1.0 + self.discriminator(fake)).mean()
+        grads = torch.autograd.grad(d_loss, params)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for p, g in zip(params, grads):
+            if world > 1:
+                dist.all_reduce(g)
+                g = g / world
+            p.grad = g
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return float(d_loss.detach())
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.settings
+        pixels = batch["pixels"].to(self.device, torch.float32)
+        down = self.preset.vae_downsample
+        noise = make_noise((pixels.shape[0], self.preset.latent_channels, pixels.shape[2] // down,
+                            pixels.shape[3] // down), 0.0, generator, self.device)
+        recon, mean, logvar = model(pixels, noise)
+        recon = recon.float()
+        diff = recon - pixels
+        rec = diff.abs().mean() if s["recon_loss"] == "l1" else diff.pow(2).mean()
+        kl = kl_to_standard_normal(mean.float(), logvar.float()).mean() / pixels[0].numel()
+        loss = rec + float(s["kl_weight"]) * kl
+        metrics = {"rec_loss": float(rec.detach()), "kl": float(kl.detach()),
+                   "psnr": float(10 * torch.log10(4.0 / diff.detach().pow(2).mean().clamp_min(1e-10)))}
+        if self.perceptual is not None:
+            p_loss = self.perceptual(recon, pixels).mean()
+            loss = loss + float(s["lpips_weight"]) * p_loss
+            metrics["lpips"] = float(p_loss.detach())
+        step = int(batch.get("step", 0))
+        if self.discriminator is not None and step >= int(s["gan_start_step"]):
+            # Copies, not views: the discriminator step below updates its parameters in place before backward.
+            detached = {name: p.detach().clone() for name, p in self.discriminator.named_parameters()}
+            g_loss = -torch.func.functional_call(self.discriminator, detached, (recon,)).mean()
+            loss = loss + float(s["gan_weight"]) * g_loss
+            metrics["g_loss"] = float(g_loss.detach())
+            metrics["d_loss"] = self._discriminator_step(pixels, recon.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def _fixed_inputs(self) -> torch.Tensor:
+        """The first ``num_samples`` selected samples (by key), center-cropped at ``loader.resolution``."""
+        samples = select_samples(self.cfg, dataset_dir_from_cfg(self.cfg)).head(int(self.settings["num_samples"]))
+        reader = TarShardReader(dataset_dir_from_cfg(self.cfg))
+        size = int(self.cfg.loader.resolution)
+        try:
+            images = [bucket_crop_resize(decode_rgb(reader.image_bytes(str(r["shard"]), sample_member(r))),
+                                         (size, size), mode="center")[0] for r in samples.to_dict("records")]
+        finally:
+            reader.close()
+        return torch.stack([pil_to_tensor(im) for im in images])
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, step: int) -> list:
+        """Input ‖ reconstruction (posterior mean), side by side, for fixed dataset samples."""
+        vae = getattr(getattr(model, "module", model), "vae", model)
+        pixels = self._fixed_inputs().to(next(vae.parameters()).device)
+        was_training = vae.training
+        vae.eval()
+        try:
+            recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample.float()
+        finally:
+            vae.train(was_training)
+        pairs = torch.cat([pixels.float(), recon], dim=3)
+        return to_pil((pairs / 2 + 0.5).clamp(0, 1))
+
+    def save_pretrained(self, model: nn.Module, out_dir: str) -> None:
+        inner = getattr(model, "module", model)
+        save_module_pretrained(getattr(inner, "vae", inner), out_dir)
+
+    def lineage_tags(self) -> dict[str, str]:
+        tags = {"task": "vae", "preset": self.preset.name, "parent_checkpoint": self.init_path or "scratch",
+                "gan": "off" if float(self.settings["gan_weight"]) <= 0 else f"from step {self.settings['gan_start_step']}",
+                "lpips": str(self.settings["lpips_weights"] or "off")}
+        tags.update(data_lineage(self.cfg))
+        return tags

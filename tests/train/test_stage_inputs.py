@@ -1,0 +1,110 @@
+import os
+import shutil
+import sys
+import types
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.data.records import MANIFEST_SCHEMA
+from stages.train.stage_entry import run, validate_inputs
+from tests.train.shard_fixtures import stage_cfg, write_dataset
+
+TRAINING_STAGES = ["pretrain256", "pretrain512", "finetune_aspect", "finetune_quality", "train_refiner", "train_vae"]
+
+
+@pytest.fixture
+def root(tmp_path):
+    write_dataset(str(tmp_path / "data" / "default"), {(64, 64): 4, (48, 80): 4})
+    return str(tmp_path)
+
+
+def dataset(root):
+    return os.path.join(root, "data", "default")
+
+
+def test_valid_inputs_then_the_trainer_runs(root, monkeypatch, make_ctx):
+    calls = []
+    trainer = types.ModuleType("stages.train.trainer")
+    trainer.run_training = lambda cfg, ctx: calls.append(ctx.stage) or {"steps": 3}
+    monkeypatch.setitem(sys.modules, "stages.train.trainer", trainer)
+    result = run(stage_cfg("pretrain256", root), make_ctx("pretrain256", root=root))
+    assert calls == ["pretrain256"]
+    assert result["steps"] == 3 and result["samples"] == 8 and result["parent_checkpoint"] == "scratch"
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manifest.parquet"):
+        validate_inputs(stage_cfg("pretrain256", str(tmp_path)))
+
+
+def test_empty_manifest(root):
+    pq.write_table(MANIFEST_SCHEMA.empty_table(), os.path.join(dataset(root), "manifest.parquet"))
+    with pytest.raises(ValueError, match=r"manifest.parquet has no samples"):
+        validate_inputs(stage_cfg("pretrain256", root))
+
+
+def test_manifest_without_required_columns(root):
+    pq.write_table(pa.table({"key": ["a"]}), os.path.join(dataset(root), "manifest.parquet"))
+    with pytest.raises(ValueError, match=r"manifest.parquet lacks required column"):
+        validate_inputs(stage_cfg("pretrain256", root))
+
+
+def test_empty_shard_folder(root):
+    shutil.rmtree(os.path.join(dataset(root), "shards"))
+    os.makedirs(os.path.join(dataset(root), "shards"))
+    with pytest.raises(FileNotFoundError, match=r"no shard files .* under .*shards"):
+        validate_inputs(stage_cfg("pretrain256", root))
+
+
+def test_missing_shard_file(root):
+    os.remove(os.path.join(dataset(root), "shards", "48x80", "48x80-00000.tar"))
+    with pytest.raises(FileNotFoundError, match=r"48x80-00000.tar"):
+        validate_inputs(stage_cfg("pretrain256", root))
+
+
+def test_manifest_for_another_resolution(root):
+    cfg = stage_cfg("finetune_aspect", root, preset="full",
+                    overrides=["train.init_from=null", "loader.require_table_match=true"])
+    with pytest.raises(ValueError, match=r"manifest.parquet has buckets .* loader.resolution=1024"):
+        validate_inputs(cfg)
+
+
+def test_missing_parent_checkpoint(root):
+    with pytest.raises(FileNotFoundError, match=r"runs.pretrain256.final.ema"):
+        validate_inputs(stage_cfg("pretrain512", root))
+
+
+def test_cached_mode_without_cache(root):
+    with pytest.raises(FileNotFoundError, match=r"latents.tiny-64-square"):
+        validate_inputs(stage_cfg("pretrain256", root, overrides=["loader.cached=true"]))
+
+
+def test_filter_that_keeps_nothing(root):
+    with pytest.raises(ValueError, match=r"loader.filter .* keeps no sample"):
+        validate_inputs(stage_cfg("train_refiner", root, overrides=["loader.filter='aesthetic_score > 100'"]))
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("tiny", {"pretrain256": 64, "pretrain512": 96, "finetune_aspect": 128, "finetune_quality": 128,
+              "train_refiner": 128, "train_vae": 64, "cache_latents": 64}),
+    ("full", {"pretrain256": 256, "pretrain512": 512, "finetune_aspect": 1024, "finetune_quality": 1024,
+              "train_refiner": 1024, "train_vae": 256, "cache_latents": 256}),
+])
+def test_stage_configs_compose_at_both_presets(tmp_path, preset, expected):
+    for stage, resolution in expected.items():
+        cfg = stage_cfg(stage, str(tmp_path), preset=preset)
+        assert cfg.loader.resolution == resolution, stage
+    parents = {s: stage_cfg(s, str(tmp_path), preset=preset).train.get("parent_stage") for s in TRAINING_STAGES}
+    assert parents == {"pretrain256": None, "pretrain512": "pretrain256", "finetune_aspect": "pretrain512",
+                       "finetune_quality": "finetune_aspect", "train_refiner": None, "train_vae": None}
+    aspect = stage_cfg("finetune_aspect", str(tmp_path), preset=preset)
+    assert aspect.loader.multi_aspect and aspect.train.offset_noise == 0.05
+    assert aspect.loader.bucket_multiple == (64 if preset == "full" else 8)
+    refiner = stage_cfg("train_refiner", str(tmp_path), preset=preset)
+    assert refiner.train.task == "refiner" and list(refiner.train.t_range) == [0, 200]
+    quality = stage_cfg("finetune_quality", str(tmp_path), preset=preset)
+    assert list(quality.loader.top_k_by.columns) == ["aesthetic_score", "clip_score"] and quality.train.lr == 1e-5
+    vae = stage_cfg("train_vae", str(tmp_path), preset=preset)
+    assert vae.train.vae.gan_start_step == (50000 if preset == "full" else 50)

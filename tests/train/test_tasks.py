@@ -1,0 +1,218 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sdxl.diffusion
+from sdxl.models import build_unet
+from stages.train.data_loader import make_batch_iterator
+from stages.train.tasks import final_dir, make_task
+from stages.train.task_diffusion import DiffusionTask
+from stages.train.task_vae import VAETask
+from tests.train.shard_fixtures import stage_cfg, write_dataset
+
+BUCKETS = {(64, 64): 6, (48, 80): 4, (80, 48): 4}
+SAMPLE = ["train.sample.prompts=[a red circle]", "train.sample.steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster without intra-op threads fighting each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("root")
+    write_dataset(str(path / "data" / "default"), BUCKETS)
+    return str(path)
+
+
+def first_batch(cfg, micro=2):
+    return next(make_batch_iterator(cfg, 0, 1, micro, 0, 1))
+
+
+class TimestepRecorder(nn.Module):
+    """Passes calls through to a UNet and keeps the timesteps it was asked about."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.seen = unet, []
+
+    def forward(self, sample, timestep, **kwargs):
+        self.seen.append(timestep.detach().clone())
+        return self.unet(sample, timestep, **kwargs)
+
+
+def test_base_loss_is_finite_and_backward_reaches_the_unet(root):
+    cfg = stage_cfg("pretrain256", root, overrides=SAMPLE)
+    task = make_task(cfg)
+    assert isinstance(task, DiffusionTask) and task.model_name == "base"
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    loss, metrics = task.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and np.isfinite(metrics["loss"])
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    # frozen parts stay frozen
+    assert not any(p.requires_grad for p in task.frozen.vae.parameters())
+    assert not any(p.requires_grad for p in task.frozen.conditioner.parameters())
+    units = task.wrap_units(model)
+    assert {type(u).__name__ for u in units} == {"ResnetBlock2D", "Transformer2DModel"}
+    tags = task.lineage_tags()
+    assert tags["parent_checkpoint"] == "scratch" and len(tags["manifest_sha256"]) == 64
+
+
+def test_refiner_trains_on_the_first_200_timesteps_with_aesthetic_conditioning(root):
+    cfg = stage_cfg("train_refiner", root, overrides=["loader.filter=null"])
+    task = make_task(cfg)
+    assert task.model_name == "refiner" and task.t_range == (0, 200)
+    model = TimestepRecorder(task.build_model())
+    task.setup(torch.device("cpu"))
+    batch = first_batch(cfg, micro=4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        loss, _ = task.loss(model, batch, gen)
+        assert torch.isfinite(loss)
+    seen = torch.cat(model.seen)
+    assert int(seen.min()) >= 0 and int(seen.max()) < 200
+    cond = task._conditioning(batch, gen)
+    assert cond.time_ids.shape == (4, 5)
+    assert torch.allclose(cond.time_ids[:, 4], batch["aesthetic_score"])
+
+
+def test_finetune_aspect_uses_offset_noise(root, monkeypatch):
+    cfg = stage_cfg("finetune_aspect", root, overrides=["train.init_from=null"])
+    task = make_task(cfg)
+    assert task.offset_noise == 0.05 and cfg.loader.multi_aspect
+    calls = []
+    real = sdxl.diffusion.make_noise
+
+    def spy(shape, offset_noise=0.0, generator=None, device=None, dtype=torch.float32):
+        calls.append(offset_noise)
+        return real(shape, offset_noise, generator, device, dtype)
+
+    monkeypatch.setattr(sdxl.diffusion, "make_noise", spy)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    loss, _ = task.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and calls == [0.05]
+    # the statistics of that noise: per-(sample, channel) means vary by ≈ offset² beyond white noise's 1/(H·W)
+    noise = real((512, 4, 32, 32), 0.05, torch.Generator().manual_seed(0))
+    excess = noise.mean(dim=(2, 3)).var().item() - 1 / (32 * 32)
+    assert 0.0015 < excess < 0.0035
+
+
+def test_init_from_auto_loads_the_parent_ema(root):
+    parent = build_unet("tiny", "base", seed=123)
+    ema_dir = final_dir(stage_cfg("pretrain512", root), "pretrain256")
+    make_task(stage_cfg("pretrain256", root)).save_pretrained(parent, ema_dir)
+    task = make_task(stage_cfg("pretrain512", root))
+    assert task.init_path == ema_dir
+    child = task.build_model()
+    scratch = build_unet("tiny", "base", seed=0)
+    for (name, a), b, c in zip(child.state_dict().items(), parent.state_dict().values(), scratch.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(child.state_dict().values(), scratch.state_dict().values()))
+    assert task.lineage_tags()["parent_checkpoint"] == ema_dir
+
+
+def test_missing_parent_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"runs.pretrain512.final.ema.*stage=pretrain512"):
+        make_task(stage_cfg("finetune_aspect", str(tmp_path)))
+
+
+def test_checkpoint_of_another_model_names_the_file(root, tmp_path):
+    wrong = str(tmp_path / "refiner_ckpt")
+    build_unet("tiny", "refiner").save_pretrained(wrong)
+    task = make_task(stage_cfg("pretrain512", root, overrides=[f"train.init_from={wrong}"]))
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
+        task.build_model()
+
+
+def test_base_samples_are_images_of_the_stage_size(root):
+    cfg = stage_cfg("pretrain256", root, overrides=SAMPLE)
+    task = make_task(cfg)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    images = task.sample_images(model, step=0)
+    assert len(images) == 1 and images[0].size == (64, 64)
+    assert model.training
+
+
+def test_refiner_samples_refine_a_base_sample(root):
+    cfg = stage_cfg("train_refiner", root, overrides=SAMPLE + ["loader.filter=null", "train.sample.resolution=64"])
+    task = make_task(cfg)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    images = task.sample_images(model, step=0)
+    assert len(images) == 1 and images[0].size == (64, 64)
+
+
+def test_vae_loss_kl_and_adversarial_term(root):
+    cfg = stage_cfg("train_vae", root, overrides=["train.vae.gan_start_step=1", "train.vae.disc_channels=8"])
+    task = make_task(cfg)
+    assert isinstance(task, VAETask) and task.model_name == "vae"
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    batch = first_batch(cfg)
+    loss, metrics = task.loss(model, {**batch, "step": 0}, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and "g_loss" not in metrics and metrics["kl"] >= 0
+    loss.backward()
+    assert all(p.grad is not None for p in model.vae.encoder.parameters() if p.requires_grad)
+    before = [p.detach().clone() for p in task.discriminator.parameters()]
+    model.zero_grad()
+    loss, metrics = task.loss(model, {**batch, "step": 1}, torch.Generator().manual_seed(0))
+    assert "g_loss" in metrics and "d_loss" in metrics
+    loss.backward()
+    # the generator term did not leave gradients on the discriminator; its own step moved it
+    assert all(p.grad is None for p in task.discriminator.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.discriminator.parameters()))
+    images = task.sample_images(model, step=1)
+    assert len(images) == 4 and images[0].size == (128, 64)
+
+
+def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
+    cfg = stage_cfg("train_vae", root)
+    task = make_task(cfg)
+    model = task.build_model()
+    out = str(tmp_path / "vae")
+    task.save_pretrained(model, out)
+    assert os.path.isfile(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    child = VAETask(stage_cfg("train_vae", root, overrides=[f"train.init_from={out}"])).build_model()
+    assert all(torch.equal(a, b) for a, b in zip(child.state_dict().values(), model.state_dict().values()))
+    bad = str(tmp_path / "lpips.safetensors")
+    from safetensors.torch import save_file
+    save_file({"lins.0.weight": torch.zeros(1, 64, 1, 1)}, bad)
+    task = make_task(stage_cfg("train_vae", root, overrides=[f"train.vae.lpips_weights={bad}"]))
+    with pytest.raises(ValueError, match="lpips.safetensors"):
+        task.setup(torch.device("cpu"))
+
+
+def test_unknown_task_kind(root):
+    with pytest.raises(ValueError, match="train.task"):
+        make_task(stage_cfg("pretrain256", root, overrides=["train.task=decoder"]))
+
+
+def test_perceptual_loss_loads_a_full_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from stages.train.task_vae import PerceptualLoss
+
+    net = PerceptualLoss()
+    for lin in net.lins:
+        torch.nn.init.uniform_(lin.weight, 0.0, 1.0)
+    path = str(tmp_path / "lpips_vgg.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    from sdxl.checkpoint import load_into
+
+    loaded = load_into(PerceptualLoss(), path).eval()
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(loaded(a, a), torch.zeros(2), atol=1e-6)
+    assert (loaded(a, b) > 0).all()
