@@ -40,6 +40,7 @@ _SPECS = [
     StageSpec("export", "stages.export:run", "diffusers folders + single-file SDXL checkpoints under <root>/export",
               False),
     StageSpec("serve", "stages.serve.app:run", "Ray Serve app on 127.0.0.1:8000: text encoders → base → refiner → VAE"),
+    StageSpec("generate", "stages.generate:run", "images through the Serve app over HTTP, saved under <root>/generated"),
     StageSpec("demo", "pipeline.workflow:run_demo", "the whole chain on generated demo data at the tiny preset"),
 ]
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in _SPECS}

@@ -1,0 +1,21 @@
+"""Tests of the data stages (stages/data). `data_cfg` composes their config sections from pipeline/conf."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parents[2] / "pipeline" / "conf"
+SECTIONS = ("ingest", "filter", "caption", "buckets")
+
+
+def data_cfg(**overrides: object) -> DictConfig:
+    """The four data sections from their default.yaml, scoring off, with dotted-key overrides applied."""
+    cfg = OmegaConf.create({name: OmegaConf.load(CONF / name / "default.yaml") for name in SECTIONS})
+    cfg.scoring = {"enabled": False}
+    for name in SECTIONS:  # one actor each: the test machine has two cores
+        cfg[name].concurrency = 1
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
