@@ -84,9 +84,9 @@ def read_bytes(uri: str) -> bytes:
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
-    parent = posixpath.dirname(path) if not isinstance(fs, pafs.LocalFileSystem) else os.path.dirname(path)
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as f:
@@ -98,7 +98,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        # An object store makes a PUT visible only when it completes.
+        # An object store makes a PUT visible only when it completes, and needs no parent "folders" (creating them
+        # would only add marker objects and requests).
         with fs.open_output_stream(path) as f:
             f.write(data)
 

@@ -157,7 +157,13 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
     latest = latest_checkpoint.path if latest_checkpoint is not None else None
     if latest is not None and getattr(latest_checkpoint, "filesystem", None) is not None:
         latest = _as_uri(latest_checkpoint)
-    paths = checkpointing.candidates(latest, tc.resume_from)
+    resume_from = tc.resume_from
+    if latest is None and not resume_from and config.get("ray_run_dir"):
+        # A driver killed right after a checkpoint was written, before Ray recorded it, leaves Ray with nothing to
+        # hand back; the checkpoint folders on storage are the truth (each is verified before use).
+        if checkpointing.list_checkpoints(config["ray_run_dir"]):
+            resume_from = config["ray_run_dir"]
+    paths = checkpointing.candidates(latest, resume_from)
     start_step, resumed_path = checkpointing.resume(
         paths, signature=signature, strategy=strategy, model=model, optimizer=optimizer, scheduler=scheduler,
         ema=ema, generator=generator, world_size=world_size)

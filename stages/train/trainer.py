@@ -47,7 +47,7 @@ def loop_config(cfg, ctx) -> dict:
     """The plain-dict ``train_loop_config`` (Ray pickles it to the workers)."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     return {"cfg": container, "root": str(ctx.root), "stage": ctx.stage, "tracking_uri": ctx.tracking_uri,
-            "run_id": ctx.run_id}
+            "run_id": ctx.run_id, "ray_run_dir": storage.join(storage_path(cfg, ctx), ctx.stage)}
 
 
 def build_trainer(cfg, ctx):
