@@ -14,27 +14,47 @@ class StageSpec:
     target: str  # "module:function" with signature run(cfg, ctx) -> dict
     help: str
     needs_ray: bool = True
+    # Files whose existence means the stage finished (format fields: root, dataset, stage, demo_out); a chained
+    # workflow re-runs a stage when one is missing, even if its completion marker is there.
+    outputs: tuple[str, ...] = ()
+
+    def expected_outputs(self, cfg) -> list[str]:
+        fields = {"root": str(cfg.paths.root).rstrip("/"), "dataset": str(cfg.data.name), "stage": self.name,
+                  "demo_out": str(cfg.demo.out_dir).rstrip("/")}
+        return [template.format(**fields) for template in self.outputs]
 
     def load(self) -> Callable:
         module, func = self.target.split(":")
         return getattr(importlib.import_module(module), func)
 
 
+_DATA = "{root}/data/{dataset}"
+_FINAL = ("{root}/runs/{stage}/final/info.json",)
+
 _SPECS = [
-    StageSpec("demo_data", "stages.data.demo_data:run", "generate the synthetic captioned demo image folder", False),
+    StageSpec("demo_data", "stages.data.demo_data:run", "generate the synthetic captioned demo image folder", False,
+              ("{demo_out}/_SUCCESS.json",)),
     StageSpec("ingest", "stages.data.ingest:run", "read a folder / URL list / shards into parquet parts"),
     StageSpec("filter", "stages.data.filter:run", "reject broken, bomb, duplicate, out-of-range images; scores"),
     StageSpec("caption", "stages.data.caption:run", "add a synthetic caption (CoCa or BLIP) beside the original"),
     StageSpec("buckets", "stages.data.buckets:run", "size metadata, aspect buckets, WebDataset shards, manifest"),
-    StageSpec("data", "stages.data.pipeline:run", "ingest → filter → caption → buckets"),
+    StageSpec("data", "stages.data.pipeline:run", "ingest → filter → caption → buckets", True,
+              (f"{_DATA}/manifest.parquet", f"{_DATA}/rejects.parquet", f"{_DATA}/stats.json")),
     StageSpec("model_summary", "stages.model_summary:run", "parameter counts of a preset (meta device)", False),
-    StageSpec("cache_latents", "stages.train.cache_latents:run", "frozen VAE + text encoders → latent shards (Ray Data)"),
-    StageSpec("train_vae", "stages.train.stage_entry:run", "the autoencoder: reconstruction + KL (+ LPIPS, GAN), EMA"),
-    StageSpec("pretrain256", "stages.train.stage_entry:run", "base UNet at 256², size + crop conditioning (Alg. 1)"),
-    StageSpec("pretrain512", "stages.train.stage_entry:run", "base UNet at 512², from pretrain256"),
-    StageSpec("finetune_aspect", "stages.train.stage_entry:run", "multi-aspect buckets ≈1024², offset noise 0.05"),
-    StageSpec("finetune_quality", "stages.train.stage_entry:run", "curated subset by aesthetic + CLIP score, lower lr"),
-    StageSpec("train_refiner", "stages.train.stage_entry:run", "refiner UNet on the first 200 noise levels"),
+    StageSpec("cache_latents", "stages.train.cache_latents:run",
+              "frozen VAE + text encoders → latent shards (Ray Data)"),
+    StageSpec("train_vae", "stages.train.stage_entry:run",
+              "the autoencoder: reconstruction + KL (+ LPIPS, GAN), EMA", True, _FINAL),
+    StageSpec("pretrain256", "stages.train.stage_entry:run",
+              "base UNet at 256², size + crop conditioning (Alg. 1)", True, _FINAL),
+    StageSpec("pretrain512", "stages.train.stage_entry:run",
+              "base UNet at 512², from pretrain256", True, _FINAL),
+    StageSpec("finetune_aspect", "stages.train.stage_entry:run",
+              "multi-aspect buckets ≈1024², offset noise 0.05", True, _FINAL),
+    StageSpec("finetune_quality", "stages.train.stage_entry:run",
+              "curated subset by aesthetic + CLIP score, lower lr", True, _FINAL),
+    StageSpec("train_refiner", "stages.train.stage_entry:run",
+              "refiner UNet on the first 200 noise levels", True, _FINAL),
     StageSpec("evaluate", "stages.evaluate.stage:run",
               "FID / CLIP score / IS over guidance scales (Fig. 12), or VAE PSNR/SSIM/LPIPS/rFID", False),
     StageSpec("export", "stages.export:run", "diffusers folders + single-file SDXL checkpoints under <root>/export",

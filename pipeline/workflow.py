@@ -3,7 +3,8 @@
 A chain is declarative: `workflow.chain` lists stage names, `workflow.overrides.<stage>` adds overrides for one
 stage. Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user overrides>` would,
 and its MLflow run is nested under the workflow's run. A stage is skipped when its marker
-`<root>/workflow/<name>/<stage>.json` records the same config hash and every output it listed still exists.
+`<root>/workflow/<name>/<stage>.json` records the same config hash and every output it listed, and every output the
+registry expects of it (`StageSpec.outputs`), still exists.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _is_done(marker_uri: str, digest: str) -> bool:
+def _is_done(marker_uri: str, digest: str, expected: list[str]) -> bool:
     if not storage.exists(marker_uri):
         return False
     try:
@@ -36,7 +37,7 @@ def _is_done(marker_uri: str, digest: str) -> bool:
         return False
     if marker.get("config_hash") != digest:
         return False
-    return all(storage.exists(path) for path in marker.get("outputs", []))
+    return all(storage.exists(path) for path in [*expected, *marker.get("outputs", [])])
 
 
 def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]) -> DictConfig:
@@ -46,6 +47,7 @@ def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]
 
 def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     from pipeline.dispatch import execute  # late: dispatch imports the registry, which names this module
+    from pipeline.registry import get_stage
 
     chain = list(cfg.workflow.chain)
     per_stage = OmegaConf.to_container(cfg.workflow.get("overrides") or {}, resolve=True)
@@ -56,7 +58,8 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
         stage_cfg = compose_stage_config(stage, user, extra)
         digest = config_hash(stage_cfg)
         marker = storage.join(ctx.root, "workflow", name, f"{stage}.json")
-        if _is_done(marker, digest):
+        expected = get_stage(stage).expected_outputs(stage_cfg)
+        if _is_done(marker, digest, expected):
             log.info("workflow %s: %s is complete, skipping", name, stage)
             results[stage] = {"skipped": True}
             continue
