@@ -41,7 +41,7 @@ def _config(port: int, root: str):
 
     cfg = OmegaConf.create({
         "serve": OmegaConf.load(os.path.join(_REPO, "pipeline", "conf", "serve", "default.yaml")),
-        "model": {"preset": "tiny"}, "paths": {"root": root}, "mlflow": {"tracking_uri": None},
+        "model": {"preset": "tiny"}, "train": {"seed": 0}, "paths": {"root": root}, "mlflow": {"tracking_uri": None},
     })
     s = cfg.serve
     s.port, s.app_name, s.blocking, s.torch_threads = port, "sdxl-bench", False, 1

@@ -174,7 +174,7 @@ def self_started_app(num_cpus: int = 2) -> Iterator[str]:
     from stages.serve.app import start
 
     serve_cfg = OmegaConf.load(os.path.join(_REPO, "pipeline", "conf", "serve", "default.yaml"))
-    cfg = OmegaConf.create({"serve": serve_cfg, "model": {"preset": "tiny"},
+    cfg = OmegaConf.create({"serve": serve_cfg, "model": {"preset": "tiny"}, "train": {"seed": 0},
                             "paths": {"root": os.path.join(_REPO, "outputs")}, "mlflow": {"tracking_uri": None}})
     s = cfg.serve
     s.port, s.app_name, s.blocking, s.torch_threads, s.refiner_ensemble = _free_port(), "sdxl-load", False, 1, False

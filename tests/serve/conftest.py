@@ -22,7 +22,7 @@ def free_port() -> int:
 def serve_config(root: str, port: int, **serve_overrides):
     """The repo's serve section (conf/serve/default.yaml) with small CPU shares, for the tiny preset."""
     serve = OmegaConf.load(SERVE_DEFAULTS)
-    cfg = OmegaConf.create({"serve": serve, "model": {"preset": "tiny"}, "paths": {"root": root},
+    cfg = OmegaConf.create({"serve": serve, "model": {"preset": "tiny"}, "train": {"seed": 0}, "paths": {"root": root},
                             "mlflow": {"tracking_uri": None}})
     cfg.serve.port = port
     cfg.serve.app_name = APP_NAME
@@ -46,7 +46,7 @@ def serve_app(ray_local, tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("serve-root"))
     cfg = serve_config(root, free_port(),
-                       **{"batching.max_batch_size": 4, "batching.batch_wait_timeout_s": 0.2,
+                       **{"batching.max_batch_size": 4, "batching.batch_wait_timeout_s": 0.5,
                           "max_queued_requests": 4, "deployments.ingress.max_ongoing_requests": 8,
                           "request_defaults.width": 32, "request_defaults.height": 32, "request_defaults.steps": 2})
     # stage=serve's own entry point, non-blocking: it returns once /health answers 200.
