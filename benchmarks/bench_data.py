@@ -26,7 +26,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-NUM_IMAGES = 800
+NUM_IMAGES = 1600
 SMALL_IMAGES = 80  # the subset that measures the pipeline's fixed start-up cost
 MAX_SIDE = 512
 GOAL_RATIO = 0.7
@@ -87,6 +87,17 @@ def pipeline_run(source: str, root: str, workers: int, resolution: int, multiple
     return time.perf_counter() - start, summary
 
 
+def _marginal(n: int, n_s: float, small_s: float, bare_rate: float) -> dict:
+    """Rate of the extra N − n samples, once the fixed start-up is paid; None when timing noise hides it."""
+    extra_s = n_s - small_s
+    if extra_s < 0.2 * n_s:
+        return {"marginal_samples_per_s_per_core": None, "marginal_ratio": None,
+                "marginal_note": f"N={n} ran {n_s:.1f}s vs {small_s:.1f}s for n={SMALL_IMAGES}: start-up dominates"}
+    rate = (n - SMALL_IMAGES) / extra_s
+    return {"pipeline_fixed_startup_s": round(small_s - SMALL_IMAGES / rate, 1),
+            "marginal_samples_per_s_per_core": round(rate, 1), "marginal_ratio": round(rate / bare_rate, 3)}
+
+
 def main() -> dict:
     import ray
 
@@ -122,9 +133,7 @@ def main() -> dict:
         "pipeline_1_worker_samples_per_s_per_core": round(one_rate, 1),
         "pipeline_2_workers_samples_per_s_per_core": round(two_rate / 2, 1),
         "ratio": round(one_rate / bare_rate, 3),
-        "pipeline_fixed_startup_s": round(small_s - SMALL_IMAGES * (one_s - small_s) / (len(files) - SMALL_IMAGES), 1),
-        "marginal_samples_per_s_per_core": round((len(files) - SMALL_IMAGES) / max(one_s - small_s, 1e-9), 1),
-        "marginal_ratio": round((len(files) - SMALL_IMAGES) / max(one_s - small_s, 1e-9) / bare_rate, 3),
+        **_marginal(len(files), one_s, small_s, bare_rate),
         "goal_ratio": GOAL_RATIO,
         "meets_goal": one_rate / bare_rate >= GOAL_RATIO,
         "scaling_1_to_2_workers": round(two_rate / one_rate, 3),

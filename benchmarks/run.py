@@ -1,7 +1,8 @@
 """Run every benchmark in one process and write benchmarks/RESULTS.md.
 
     python benchmarks/run.py                # all
-    python benchmarks/run.py data sampler   # some (module names without the bench_ prefix)
+    python benchmarks/run.py data sampler   # some (module names without the bench_ prefix); the others' figures
+                                            # are kept from benchmarks/results.json, with the time they were taken
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ def render(results: dict[str, dict], started: float) -> str:
     lines = [
         "# Benchmark results",
         "",
-        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC in one run of "
-        f"`python benchmarks/run.py` ({time.time() - started:.0f} s) on {platform.machine()}, "
+        f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `python benchmarks/run.py` "
+        f"(this run: {time.time() - started:.0f} s) on {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}.",
-        "Ratios compare against a baseline measured in the same run; goals are the issues' targets.",
+        "Each ratio compares against a baseline measured in the same benchmark run; goals are the issues' targets.",
         "",
     ]
     for name, figures in results.items():
-        lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
+        lines += [f"## {name}", "", f"Measured {figures.get('measured_at', 'in this run')}.", "",
+                  "| figure | value |", "|---|---|"]
         lines += [f"| {key} | {_format(value)} |" for key, value in figures.items()]
         lines.append("")
     return "\n".join(lines)
@@ -60,19 +62,29 @@ def main(argv: list[str]) -> int:
         print(f"unknown benchmark(s) {unknown}; known: {BENCHMARKS}", file=sys.stderr)
         return 2
     started = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = os.path.join(here, "results.json")
     results: dict[str, dict] = {}
+    if os.path.exists(saved):
+        with open(saved) as f:
+            results = {k: v for k, v in json.load(f).items() if k in BENCHMARKS}
     failed = False
     for name in chosen:
         print(f"== benchmark {name}", flush=True)
         try:
             results[name] = importlib.import_module(f"benchmarks.bench_{name}").main()
+            results[name]["measured_at"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
         except Exception as err:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             results[name] = {"error": f"{type(err).__name__}: {err}"}
             failed = True
         print(json.dumps(results[name], indent=2, default=str), flush=True)
+    results = {name: results[name] for name in BENCHMARKS if name in results}
+    with open(saved + ".tmp", "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(saved + ".tmp", saved)
     report = render(results, started)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+    out = os.path.join(here, "RESULTS.md")
     with open(out + ".tmp", "w") as f:
         f.write(report)
     os.replace(out + ".tmp", out)

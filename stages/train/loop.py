@@ -217,6 +217,9 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         ema_full = strategy.gather_full(model, ema.shadow)
         if rank == 0:
             info = checkpointing.final_info(cfg, config["stage"], max_steps, task.lineage_tags(), meta["config_hash"])
+            # Evaluation logs back into the run that trained these weights.
+            info["mlflow_run_id"] = config.get("run_id")
+            info["mlflow_tracking_uri"] = config.get("tracking_uri")
             checkpointing.export_final(task, full, ema_full, final_dir, info, logger)
     if batches is not None and hasattr(batches, "close"):
         batches.close()

@@ -13,6 +13,7 @@ and hand out the trainable tensors as named (possibly sharded) tensors for the E
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 
@@ -37,7 +38,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base: behaviour shared by all strategies. Subclasses override wrapping, stepping and state I/O."""
 
     name = "base"
@@ -65,9 +66,9 @@ class Strategy:
         for unit in units:
             checkpoint(unit)
 
+    @abc.abstractmethod
     def wrap(self, model: nn.Module, units: list[nn.Module]) -> tuple[nn.Module, torch.optim.Optimizer]:
         """(wrapped model, the torch optimizer whose param groups the lr scheduler drives)."""
-        raise NotImplementedError
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -119,12 +120,13 @@ class Strategy:
         return {**params, **buffers}
 
     # --- checkpoint state ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def save(self, model, optimizer, directory: str, extra_sharded: dict | None = None) -> None:
         """Write this rank's share of model+optimizer state into ``directory`` (this rank's own folder)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, model, optimizer, directory: str, extra_sharded: dict | None = None) -> None:
-        raise NotImplementedError
+        """Restore what ``save`` wrote into ``directory``."""
 
 
 class DDPStrategy(Strategy):

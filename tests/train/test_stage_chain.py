@@ -1,0 +1,81 @@
+"""The six training stages on shards made by the data stages, chained as the demo workflow runs them: each logs
+params, metrics and a sample grid to MLflow, registers its EMA weights, leaves a checkpoint, and the finetunes
+really start from their parent's weights."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from pipeline.dispatch import execute
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
+
+CONF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf"))
+TRAINING = ["train_vae", "pretrain256", "pretrain512", "finetune_aspect", "finetune_quality", "train_refiner"]
+# lr=0 in a child stage keeps its weights where they started, so its final weights must equal its parent's.
+FROZEN_CHILDREN = {"pretrain512": "pretrain256", "finetune_aspect": "pretrain512", "finetune_quality": "finetune_aspect"}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, ray_local):
+    root = str(tmp_path_factory.mktemp("chain") / "root")
+    overrides = [f"paths.root={root}", "stage=demo", "demo.num_images=48", "train.max_steps=2",
+                 "train.sample_every=2", "train.checkpoint_every=1", "train.warmup_steps=1"]
+    child_overrides = {child: ["train.lr=0"] for child in FROZEN_CHILDREN}
+    chain_list = "[" + ",".join(["demo_data", "data", *TRAINING]) + "]"
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="config", overrides=[*overrides, f"workflow.chain={chain_list}"])
+        for child, extra in child_overrides.items():
+            cfg.workflow.overrides[child] = extra
+        result = execute("demo", cfg, overrides=[o for o in overrides if o != "stage=demo"])
+    return root, result
+
+
+def _final_tensors(root: str, stage: str, which: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(root, "runs", stage, "final", which, "diffusion_pytorch_model.safetensors"))
+
+
+def test_every_stage_logs_params_metrics_grid_and_a_model_version(chain):
+    root, result = chain
+    assert set(TRAINING) <= set(result["stages"])
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("sdxl")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    for stage in TRAINING:
+        run = runs[stage]
+        assert run.info.status == "FINISHED", stage
+        assert run.data.params["train.max_steps"] == "2"
+        assert "loss" in run.data.metrics and "lr" in run.data.metrics, stage
+        samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+        assert samples, f"{stage}: no sample grid logged"
+        checkpoints = [n for n in os.listdir(os.path.join(root, "runs", stage)) if n.startswith("checkpoint_")]
+        assert checkpoints, f"{stage}: no checkpoint"
+    versions = {name: client.search_model_versions(f"name='{name}'") for name in ("base", "refiner", "vae")}
+    assert len(versions["vae"]) == 1 and len(versions["refiner"]) == 1
+    assert len(versions["base"]) == 4  # pretrain256, pretrain512, finetune_aspect, finetune_quality
+
+
+def test_finetunes_start_from_their_parents_weights(chain):
+    root, _ = chain
+    for child, parent in FROZEN_CHILDREN.items():
+        parent_ema = _final_tensors(root, parent, "ema")
+        child_model = _final_tensors(root, child, "model")
+        assert parent_ema.keys() == child_model.keys()
+        for key, value in parent_ema.items():
+            torch.testing.assert_close(child_model[key], value, msg=f"{child}:{key} differs from {parent}")
+    # A stage that trains (lr > 0) moves its weights, so its raw weights and their EMA part ways.
+    trained = _final_tensors(root, "pretrain256", "model")
+    assert any(not torch.equal(trained[k], v) for k, v in _final_tensors(root, "pretrain256", "ema").items())
+
+
+def test_refiner_trains_on_its_own_architecture(chain):
+    root, _ = chain
+    base = _final_tensors(root, "pretrain256", "ema")
+    refiner = _final_tensors(root, "train_refiner", "ema")
+    assert base.keys() != refiner.keys()
