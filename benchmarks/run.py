@@ -20,7 +20,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-BENCHMARKS = ["data", "sampler", "train", "serve"]
+BENCHMARKS = ["data", "sampler", "train", "cache", "serve"]
 
 
 def _format(value) -> str:
