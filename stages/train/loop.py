@@ -206,8 +206,9 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         metrics = {"step": done, "lr": lr, "resumed_from_step": start_step}
         if done % int(tc.log_every) == 0 or done == max_steps:
             metrics.update(_log_window(window, logger, done, micro * world_size * accum, device, lr))
-        if int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0:
-            _log_samples(task, strategy, model, ema, done, logger, run_dir, rank)
+        evaluate = int(tc.get("eval_every") or 0) > 0 and done % int(tc.eval_every) == 0
+        if evaluate or (int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0):
+            _log_samples(task, strategy, model, ema, done, logger, run_dir, rank, cfg if evaluate else None)
         if done % int(tc.checkpoint_every) == 0 or done == max_steps:
             _report_checkpoint(done, rank, strategy, model, optimizer, scheduler, ema, generator, meta, metrics)
 
@@ -250,8 +251,9 @@ def _log_window(window: _Window, logger: WorkerLogger, step: int, images_per_ste
     return metrics
 
 
-def _log_samples(task, strategy, model, ema, step, logger, run_dir, rank) -> None:
-    """Sample the fixed prompts with the EMA weights on rank 0; the gather is collective."""
+def _log_samples(task, strategy, model, ema, step, logger, run_dir, rank, eval_cfg=None) -> None:
+    """Sample the fixed prompts with the EMA weights on rank 0; the gather is collective. With ``eval_cfg`` the
+    same images are also scored against held-out images (FID / IS / CLIP score, `train.eval_every`)."""
     ema_full = strategy.gather_full(model, ema.shadow)
     if rank != 0:
         return
@@ -264,7 +266,21 @@ def _log_samples(task, strategy, model, ema, step, logger, run_dir, rank) -> Non
     name = sample_artifact_name(step)
     storage.write_bytes_atomic(storage.join(run_dir, "samples", name), png)
     logger.log_file_bytes(png, "samples", name)
+    if eval_cfg is not None:
+        _log_evaluation(images, sampler, step, eval_cfg, logger)
     del sampler
+
+
+def _log_evaluation(images, sampler, step, cfg, logger) -> None:
+    """A small periodic evaluation; a failure is logged, never fatal to a run that may have days left."""
+    from stages.evaluate.stage import evaluate_in_training
+
+    try:
+        scores = evaluate_in_training(lambda _model, _step: images, sampler, step, cfg)
+    except Exception:  # noqa: BLE001 - evaluation must not end training
+        log.exception("in-training evaluation at step %d failed; training continues", step)
+        return
+    logger.log_metrics({k.replace("/", "_"): float(v) for k, v in scores.items() if v is not None}, step)
 
 
 def _report_checkpoint(step, rank, strategy, model, optimizer, scheduler, ema, generator, meta, metrics) -> None:

@@ -1,6 +1,6 @@
 """The six training stages on shards made by the data stages, chained as the demo workflow runs them: each logs
-params, metrics and a sample grid to MLflow, registers its EMA weights, leaves a checkpoint, and the finetunes
-really start from their parent's weights."""
+params, metrics, a sample grid and an in-training evaluation to MLflow, registers its EMA weights, leaves a
+checkpoint, and the finetunes really start from their parent's weights."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ FROZEN_CHILDREN = {"pretrain512": "pretrain256", "finetune_aspect": "pretrain512
 def chain(tmp_path_factory, ray_local):
     root = str(tmp_path_factory.mktemp("chain") / "root")
     overrides = [f"paths.root={root}", "stage=demo", "demo.num_images=48", "train.max_steps=2",
-                 "train.sample_every=2", "train.checkpoint_every=1", "train.warmup_steps=1"]
+                 "train.sample_every=2", "train.eval_every=2", "train.checkpoint_every=1", "train.warmup_steps=1"]
     child_overrides = {child: ["train.lr=0"] for child in FROZEN_CHILDREN}
     chain_list = "[" + ",".join(["demo_data", "data", *TRAINING]) + "]"
     with initialize_config_dir(config_dir=CONF, version_base=None):
@@ -52,6 +52,7 @@ def test_every_stage_logs_params_metrics_grid_and_a_model_version(chain):
         assert run.info.status == "FINISHED", stage
         assert run.data.params["train.max_steps"] == "2"
         assert "loss" in run.data.metrics and "lr" in run.data.metrics, stage
+        assert "eval_fid" in run.data.metrics, f"{stage}: no in-training evaluation logged"
         samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
         assert samples, f"{stage}: no sample grid logged"
         checkpoints = [n for n in os.listdir(os.path.join(root, "runs", stage)) if n.startswith("checkpoint_")]
