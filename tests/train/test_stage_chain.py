@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from safetensors.torch import load_file
 
 from pipeline.dispatch import execute
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(150
 
 CONF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf"))
 TRAINING = ["train_vae", "pretrain256", "pretrain512", "finetune_aspect", "finetune_quality", "train_refiner"]
-# lr=0 in a child stage keeps its weights where they started, so its final weights must equal its parent's.
+# A vanishing lr (the schedule refuses 0) keeps a child stage's weights where they started, so its final weights
+# must equal its parent's within float tolerance.
 FROZEN_CHILDREN = {"pretrain512": "pretrain256", "finetune_aspect": "pretrain512", "finetune_quality": "finetune_aspect"}
 
 
@@ -27,12 +29,13 @@ def chain(tmp_path_factory, ray_local):
     root = str(tmp_path_factory.mktemp("chain") / "root")
     overrides = [f"paths.root={root}", "stage=demo", "demo.num_images=48", "train.max_steps=2",
                  "train.sample_every=2", "train.eval_every=2", "train.checkpoint_every=1", "train.warmup_steps=1"]
-    child_overrides = {child: ["train.lr=0"] for child in FROZEN_CHILDREN}
+    child_overrides = {child: ["train.lr=1e-12", "train.min_lr=1e-13"] for child in FROZEN_CHILDREN}
     chain_list = "[" + ",".join(["demo_data", "data", *TRAINING]) + "]"
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="config", overrides=[*overrides, f"workflow.chain={chain_list}"])
-        for child, extra in child_overrides.items():
-            cfg.workflow.overrides[child] = extra
+        with open_dict(cfg):
+            for child, extra in child_overrides.items():
+                cfg.workflow.overrides[child] = extra
         result = execute("demo", cfg, overrides=[o for o in overrides if o != "stage=demo"])
     return root, result
 
@@ -69,7 +72,8 @@ def test_finetunes_start_from_their_parents_weights(chain):
         child_model = _final_tensors(root, child, "model")
         assert parent_ema.keys() == child_model.keys()
         for key, value in parent_ema.items():
-            torch.testing.assert_close(child_model[key], value, msg=f"{child}:{key} differs from {parent}")
+            torch.testing.assert_close(child_model[key], value, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, c=child, k=key: f"{c}:{k} differs from {parent}: {m}")
     # A stage that trains (lr > 0) moves its weights, so its raw weights and their EMA part ways.
     trained = _final_tensors(root, "pretrain256", "model")
     assert any(not torch.equal(trained[k], v) for k, v in _final_tensors(root, "pretrain256", "ema").items())
