@@ -370,6 +370,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict:
     ctx.log_dict(summary, "export.json")
     ctx.set_tags({"export.base_source": summary["sources"]["base"],
                   "export.refiner_source": str(summary["sources"]["refiner"])})
-    return {"export_dir": summary["export_dir"], "outputs": sorted(summary["outputs"]),
+    # Full paths, so a chained workflow can check that they still exist.
+    outputs = sorted(storage.join(summary["export_dir"], rel) for rel in summary["outputs"])
+    return {"export_dir": summary["export_dir"], "outputs": outputs,
             "base_source": summary["sources"]["base"], "refiner_source": summary["sources"]["refiner"],
             "vae_source": summary["sources"]["vae"]}

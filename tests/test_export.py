@@ -87,8 +87,8 @@ def _same_weights(a, b) -> bool:
 
 def test_export_writes_every_output(exported):
     out, result, _ = exported
-    assert sorted(result["outputs"]) == ["diffusers/base", "diffusers/refiner", "sdxl_base.safetensors",
-                                         "sdxl_refiner.safetensors"]
+    assert sorted(result["outputs"]) == [os.path.join(result["export_dir"], rel) for rel in (
+        "diffusers/base", "diffusers/refiner", "sdxl_base.safetensors", "sdxl_refiner.safetensors")]
     assert result["base_source"].endswith(os.path.join("finetune_aspect", "final", "ema"))
     for name in ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
                  "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json",
@@ -190,7 +190,8 @@ def test_float16_export_then_export_without_refiner_removes_the_earlier_one(trai
     assert refiner_file["conditioner.embedders.0.model.text_projection"].dtype == torch.float16
     assert refiner_file["first_stage_model.decoder.conv_out.weight"].dtype == torch.float32  # the VAE stays fp32
     result = run(_cfg(refiner="none", diffusers=False), ctx)
-    assert result["outputs"] == ["sdxl_base.safetensors"] and result["refiner_source"] is None
+    assert result["outputs"] == [os.path.join(result["export_dir"], "sdxl_base.safetensors")]
+    assert result["refiner_source"] is None
     assert not (other / "export" / "sdxl_refiner.safetensors").exists()
     summary = json.loads((other / "export" / "export.json").read_text())
     assert summary["removed_stale"] == ["sdxl_refiner.safetensors"]
@@ -229,7 +230,8 @@ def test_export_to_an_s3_root(trained, s3_bucket, tmp_path):
     stale = storage.join(s3_root, "export", "diffusers", "base", "unet", "stale.bin")
     storage.write_bytes_atomic(stale, b"from an older export")
     result = run(_cfg(), StageContext(root=s3_root, stage="export"))
-    assert result["outputs"] == ["diffusers/base", "sdxl_base.safetensors"]
+    assert result["outputs"] == [storage.join(s3_root, "export", rel) for rel in ("diffusers/base",
+                                                                                 "sdxl_base.safetensors")]
     assert result["base_source"] == storage.join(s3_root, "runs", "finetune_aspect", "final", "ema")
     assert not storage.exists(stale)
     assert storage.is_file(storage.join(s3_root, "export", "diffusers", "base", "unet",
