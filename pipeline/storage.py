@@ -11,12 +11,13 @@ import io
 import json
 import os
 import posixpath
-import uuid
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from sdxl.checkpoint import write_bytes_atomic_local
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 
@@ -85,18 +86,8 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        # Temp file beside the target, fsync, rename: the model core's writer (it cannot import this module).
+        write_bytes_atomic_local(path, data)
     else:
         # An object store makes a PUT visible only when it completes, and needs no parent "folders" (creating them
         # would only add marker objects and requests).
