@@ -11,6 +11,19 @@ from torch import nn
 from sdxl.presets import FOURIER_DIM, TOKENIZER_MAX_LENGTH
 from sdxl.tokenizers import tokenize
 
+# What a model sees without text (CFG dropout in training, the default negative at sampling): SPEC, "Classifier-free
+# guidance". The base: zero context and pooled; the refiner: the encoding of "".
+UNCONDITIONAL_ZEROS = "zeros"
+UNCONDITIONAL_EMPTY_PROMPT = "empty_prompt"
+UNCONDITIONAL_KINDS = (UNCONDITIONAL_ZEROS, UNCONDITIONAL_EMPTY_PROMPT)
+
+
+def default_unconditional_kind(kind: str) -> str:
+    """The unconditional input a model of ``kind`` ("base" | "refiner") is trained and sampled with."""
+    if kind not in ("base", "refiner"):
+        raise ValueError(f"kind must be 'base' or 'refiner', got {kind!r}")
+    return UNCONDITIONAL_ZEROS if kind == "base" else UNCONDITIONAL_EMPTY_PROMPT
+
 
 @dataclass
 class Conditioning:
@@ -175,8 +188,9 @@ def _replace_where(mask: torch.Tensor, values: torch.Tensor, empty: torch.Tensor
 def drop_text_conditioning(embeddings: TextEmbeddings, empty: TextEmbeddings, p: float = 0.1,
                            generator: torch.Generator | None = None) -> TextEmbeddings:
     """Classifier-free-guidance dropout: per sample and independently per encoder, with probability ``p``, replace
-    that encoder's conditioning (CLIP-L: context; bigG: context and pooled) by its encoding of the empty prompt.
-    ``empty`` has batch 1. Micro-conditioning is not touched here: size/crop/target keep their values (as sgm does).
+    that encoder's conditioning (CLIP-L: context; bigG: context and pooled) by its part of ``empty``, the model's
+    unconditional text (batch 1; :meth:`TextConditioner.unconditional_text`: zeros for the base, the encoding of ""
+    for the refiner). Micro-conditioning is not touched here: size/crop/target keep their values (docs/decisions.md).
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p (the CFG dropout rate) must be in [0, 1], got {p}")
@@ -206,15 +220,38 @@ def _prompt_list(prompts, name: str) -> list[str]:
     return prompts
 
 
+def _negative_list(negative_prompt, batch: int) -> list[str | None]:
+    """One negative per prompt: ``None`` (the model's unconditional input) or a string, broadcast from one value."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    negatives = list(negative_prompt)
+    if not all(n is None or isinstance(n, str) for n in negatives):
+        raise ValueError(f"negative_prompt must be None, a string, or a list of strings / None, "
+                         f"got {negatives!r:.200}")
+    if len(negatives) == 1:
+        negatives = negatives * batch
+    if len(negatives) != batch:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {batch}")
+    return negatives
+
+
+def _zeros_like(text: TextEmbeddings) -> TextEmbeddings:
+    return TextEmbeddings(torch.zeros_like(text.context_g), torch.zeros_like(text.pooled_g),
+                          None if text.context_l is None else torch.zeros_like(text.context_l))
+
+
 class TextConditioner(nn.Module):
     """SDXL's text side: both tokenizers and encoders → context and pooled vector, plus micro-conditioning.
 
     ``kind="base"``: context = CLIP-L penultimate ‖ bigG penultimate hidden states (768 + 1280 = 2048 at full),
     pooled = bigG's projected pooled output (``text_embeds``, 1280). ``kind="refiner"``: bigG only (context 1280).
 
-    ``force_zeros_for_empty_prompt`` (default: True for the base, False for the refiner, as the public diffusers
-    SDXL base / refiner configs set it): at sampling, an all-empty negative prompt becomes all-zero context and
-    pooled vectors instead of the encoding of "". Training dropout always uses the encoding of "".
+    The model's *unconditional input* (SPEC, "Classifier-free guidance") is what CFG dropout replaces the text by in
+    training and what sampling uses when no negative prompt is given (``negative_prompt=None``):
+    ``force_zeros_for_empty_prompt=True`` (the base's default, as the public base's diffusers config says) — zero
+    context and pooled vectors, sgm's non-legacy conditioner; ``False`` (the refiner's default) — the encoding of "".
+    The flag keeps diffusers' name and meaning, so an exported config states what the model was trained with. An
+    explicit negative prompt, ``""`` included, is always encoded (diffusers zeroes only a missing one).
     """
 
     def __init__(self, tokenizer_l, text_encoder_l, tokenizer_g, text_encoder_g, kind: str = "base",
@@ -230,8 +267,9 @@ class TextConditioner(nn.Module):
         self.text_encoder_l = text_encoder_l if kind == "base" else None
         self.text_encoder_g = text_encoder_g
         self.max_length = max_length
-        self.force_zeros_for_empty_prompt = (kind == "base") if force_zeros_for_empty_prompt is None \
-            else force_zeros_for_empty_prompt
+        if force_zeros_for_empty_prompt is None:
+            force_zeros_for_empty_prompt = default_unconditional_kind(kind) == UNCONDITIONAL_ZEROS
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
 
     @classmethod
     def from_components(cls, components, kind: str = "base", **kwargs) -> "TextConditioner":
@@ -242,6 +280,19 @@ class TextConditioner(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.text_encoder_g.parameters()).device
+
+    @property
+    def unconditional_kind(self) -> str:
+        """``"zeros"`` or ``"empty_prompt"``: what the model sees without text (recorded with trained weights)."""
+        return UNCONDITIONAL_ZEROS if self.force_zeros_for_empty_prompt else UNCONDITIONAL_EMPTY_PROMPT
+
+    def unconditional_text(self, batch: int = 1) -> TextEmbeddings:
+        """The model's unconditional text for ``batch`` samples: zeros, or the encoding of "" (see the class)."""
+        empty = self.encode_text([""])
+        if self.force_zeros_for_empty_prompt:
+            empty = _zeros_like(empty)
+        return TextEmbeddings(*(None if t is None else t.expand(batch, *t.shape[1:])
+                                for t in (empty.context_g, empty.pooled_g, empty.context_l)))
 
     def _run(self, tokenizer, encoder, prompts: list[str], with_pooled: bool):
         ids = tokenize(tokenizer, prompts, self.max_length).to(self.device)
@@ -281,38 +332,45 @@ class TextConditioner(nn.Module):
         ``aesthetic_score`` (number or [B]) for the refiner."""
         prompts = _prompt_list(prompts, "prompt")
         batch = len(prompts)
-        # The empty prompt rides along in the same forward pass: always consistent with the current encoder weights.
-        both = self.encode_text(prompts + [""])
-        text = both.slice(0, batch)
+        if self.force_zeros_for_empty_prompt:
+            text = self.encode_text(prompts)
+            unconditional = _zeros_like(text.slice(0, 1))
+        else:  # "" rides along in the same forward pass: always consistent with the current encoder weights
+            both = self.encode_text(prompts + [""])
+            text, unconditional = both.slice(0, batch), both.slice(batch, batch + 1)
         if ucg_rate > 0:
-            text = drop_text_conditioning(text, both.slice(batch, batch + 1), ucg_rate, generator)
+            text = drop_text_conditioning(text, unconditional, ucg_rate, generator)
         time_ids = self.time_ids(batch, original_size, crop_coords, target_size, aesthetic_score)
         return Conditioning(context=text.context, pooled=text.pooled_g, time_ids=time_ids)
 
-    def encode_for_sampling(self, prompt, negative_prompt="", original_size=(1024, 1024), crop_coords=(0, 0),
+    def encode_for_sampling(self, prompt, negative_prompt=None, original_size=(1024, 1024), crop_coords=(0, 0),
                             target_size=None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
                             negative_original_size=None, negative_crop_coords=None, negative_target_size=None,
                             num_images_per_prompt: int = 1) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) for classifier-free guidance, each of batch ``len(prompt) * num_images_per_prompt``.
 
-        ``target_size`` defaults to ``original_size``; the negative micro-conditioning defaults to the positive one
-        (diffusers' convention), except the refiner's aesthetic score (6.0 vs 2.5, Sec. 2.5)."""
+        ``negative_prompt``: ``None`` (default) = the model's unconditional input (zeros for the base, the encoding
+        of "" for the refiner: what training dropped the text to); a string (``""`` included) is encoded; a list
+        gives one per prompt and may mix both. ``target_size`` defaults to ``original_size``; the negative
+        micro-conditioning defaults to the positive one (diffusers' convention), except the refiner's aesthetic
+        score (6.0 vs 2.5, Sec. 2.5)."""
         prompts = _prompt_list(prompt, "prompt")
-        negatives = _prompt_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+        batch = len(prompts)
+        negatives = _negative_list(negative_prompt, batch)
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         target_size = original_size if target_size is None else target_size
-        batch = len(prompts)
 
         context, pooled = self.encode(prompts)
-        if self.force_zeros_for_empty_prompt and all(n == "" for n in negatives):
+        zeroed = [n is None and self.force_zeros_for_empty_prompt for n in negatives]
+        texts = ["" if n is None else n for n in negatives]
+        if all(zeroed):
             neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         else:
-            neg_context, neg_pooled = self.encode(negatives)
+            neg_context, neg_pooled = self.encode(texts)
+            zero = torch.tensor(zeroed, device=neg_context.device)
+            neg_context = torch.where(zero.view(-1, 1, 1), torch.zeros_like(neg_context), neg_context)
+            neg_pooled = torch.where(zero.view(-1, 1), torch.zeros_like(neg_pooled), neg_pooled)
 
         cond_ids = self.time_ids(batch, original_size, crop_coords, target_size, aesthetic_score)
         uncond_ids = self.time_ids(

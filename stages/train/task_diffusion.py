@@ -1,7 +1,8 @@
 """Training task of the base and refiner UNets (SDXL Sec. 2.5).
 
 Loss of a micro-batch: VAE-encode the pixels (posterior sample × 0.13025; or read the cached posterior), text
-conditioning with CFG dropout (``train.ucg_rate``, per encoder) and the batch's micro-conditioning — base:
+conditioning with CFG dropout (``train.ucg_rate``, per encoder, to the model's unconditional input: zeros for the
+base, the encoding of "" for the refiner; SPEC) and the batch's micro-conditioning — base:
 (original size, crop, target size); refiner: (original size, crop, aesthetic score) — then the eps-MSE of
 ``sdxl.diffusion.diffusion_loss`` with ``train.offset_noise`` and timesteps from ``train.t_range`` ([0, 200) for the
 refiner).
@@ -18,7 +19,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from pipeline import storage
-from sdxl.conditioner import Conditioning, TextEmbeddings, base_time_ids, drop_text_conditioning, refiner_time_ids
+from sdxl.conditioner import (Conditioning, TextEmbeddings, base_time_ids, default_unconditional_kind,
+                              drop_text_conditioning, refiner_time_ids)
 from sdxl.diffusion import check_t_range, diffusion_loss
 from sdxl.models import build_unet
 from sdxl.presets import get_preset
@@ -33,7 +35,7 @@ DEFAULT_SAMPLE_PROMPTS = ("a photograph of an astronaut riding a horse", "a red 
                           "a watercolor painting of a lighthouse at dusk", "a close-up portrait of a corgi")
 # Base stages whose final EMA the refiner's sample grid starts from (newest first): the refiner is an img2img model.
 _BASE_STAGES = ("finetune_quality", "finetune_aspect", "pretrain512", "pretrain256")
-UNCOND_FILE = "_uncond.safetensors"  # the latent cache's encoding of the empty prompt (for CFG dropout)
+UNCOND_FILE = "_uncond.safetensors"  # the latent cache's encoding of "" (the refiner's unconditional input)
 log = logging.getLogger(__name__)
 
 
@@ -82,7 +84,7 @@ class DiffusionTask(TrainTask):
     def setup(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self.frozen = build_frozen_parts(self.cfg, self.kind, self.device)
-        if self.cached:
+        if self.cached and not self.frozen.conditioner.force_zeros_for_empty_prompt:
             empty = read_safetensors_file(storage.join(latent_cache_dir(self.cfg), UNCOND_FILE))
             self._empty = {k: v.to(self.device) for k, v in empty.items()}
 
@@ -115,16 +117,22 @@ class DiffusionTask(TrainTask):
                 list(batch["captions"]), batch["original_size"], batch["crop_coords"], ucg_rate=self.ucg_rate,
                 generator=generator, **kwargs)
         # Cached embeddings are the base's CLIP-L ‖ bigG context; the refiner uses the bigG part only.
-        width_l = self.preset.text_encoder_l["hidden_size"]
         context, pooled = batch["context"].to(self.device), batch["pooled"].to(self.device)
-        empty_context, empty_pooled = self._empty["context"], self._empty["pooled"]
-        text = TextEmbeddings(context_g=context[..., width_l:], pooled_g=pooled,
-                              context_l=context[..., :width_l] if self.kind == "base" else None)
-        empty = TextEmbeddings(context_g=empty_context[..., width_l:], pooled_g=empty_pooled,
-                               context_l=empty_context[..., :width_l] if self.kind == "base" else None)
+        text = self._split_cached(context, pooled)
         if self.ucg_rate > 0:
-            text = drop_text_conditioning(text, empty, self.ucg_rate, generator)
+            text = drop_text_conditioning(text, self._cached_unconditional(context, pooled), self.ucg_rate, generator)
         return Conditioning(context=text.context, pooled=text.pooled_g, time_ids=self._time_ids(batch, len(pooled)))
+
+    def _split_cached(self, context: torch.Tensor, pooled: torch.Tensor) -> TextEmbeddings:
+        width_l = self.preset.text_encoder_l["hidden_size"]
+        return TextEmbeddings(context_g=context[..., width_l:], pooled_g=pooled,
+                              context_l=context[..., :width_l] if self.kind == "base" else None)
+
+    def _cached_unconditional(self, context: torch.Tensor, pooled: torch.Tensor) -> TextEmbeddings:
+        """What cached text is dropped to: zeros (base), or the cache's encoding of "" (refiner)."""
+        if self.frozen.conditioner.force_zeros_for_empty_prompt:
+            return self._split_cached(torch.zeros_like(context[:1]), torch.zeros_like(pooled[:1]))
+        return self._split_cached(self._empty["context"].to(context.dtype), self._empty["pooled"].to(pooled.dtype))
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         self._require_setup()
@@ -189,8 +197,11 @@ class DiffusionTask(TrainTask):
 
     def lineage_tags(self) -> dict[str, str]:
         tags = {"task": self.kind, "preset": self.preset.name, "parent_checkpoint": self.init_path or "scratch",
-                "t_range": f"{self.t_range[0]}-{self.t_range[1]}", "offset_noise": str(self.offset_noise)}
+                "t_range": f"{self.t_range[0]}-{self.t_range[1]}", "offset_noise": str(self.offset_noise),
+                # What CFG dropout replaced text by: serving and export read it back from final/info.json.
+                "unconditional": default_unconditional_kind(self.kind)}
         if self.frozen is not None:
-            tags.update(vae_source=self.frozen.vae_source, text_encoders=self.frozen.text_source)
+            tags.update(vae_source=self.frozen.vae_source, text_encoders=self.frozen.text_source,
+                        unconditional=self.frozen.conditioner.unconditional_kind)
         tags.update(data_lineage(self.cfg))
         return tags

@@ -126,9 +126,6 @@ def test_training_dropout_keeps_micro_conditioning(base):
     sizes, crops = torch.tensor([[100, 200], [300, 400]]), torch.tensor([[7, 0], [0, 9]])
     gen = torch.Generator().manual_seed(0)
     cond = base.encode_for_training(["a cat", "a dog"], sizes, crops, (64, 64), ucg_rate=1.0, generator=gen)
-    empty_context, empty_pooled = base.encode([""])
-    assert torch.allclose(cond.context, empty_context.expand(2, -1, -1), atol=1e-5)
-    assert torch.allclose(cond.pooled, empty_pooled.expand(2, -1), atol=1e-5)
     assert cond.time_ids.tolist() == [[100, 200, 7, 0, 64, 64], [300, 400, 0, 9, 64, 64]]
     kept = base.encode_for_training(["a cat", "a dog"], sizes, crops, (64, 64), ucg_rate=0.0)
     context, pooled = base.encode(["a cat", "a dog"])
@@ -137,18 +134,76 @@ def test_training_dropout_keeps_micro_conditioning(base):
         base.encode_for_training(["a"], (1, 1), (0, 0))
 
 
+def test_base_drops_text_to_zeros_and_the_refiner_to_the_empty_prompt(base, refiner):
+    """SPEC: the base's unconditional input is zero context and pooled (sgm's non-legacy conditioner), the refiner's
+    the encoding of "" (legacy); dropout uses exactly that."""
+    gen = torch.Generator().manual_seed(0)
+    dropped = base.encode_for_training(["a cat", "a dog"], (64, 64), (0, 0), (64, 64), ucg_rate=1.0, generator=gen)
+    assert base.unconditional_kind == "zeros"
+    assert dropped.context.shape == (2, 77, 96) and torch.count_nonzero(dropped.context) == 0
+    assert torch.count_nonzero(dropped.pooled) == 0
+    rdropped = refiner.encode_for_training(["a cat"], (64, 64), (0, 0), aesthetic_score=6.0, ucg_rate=1.0,
+                                           generator=gen)
+    empty_context, empty_pooled = refiner.encode([""])
+    assert refiner.unconditional_kind == "empty_prompt"
+    assert torch.count_nonzero(empty_context) > 0
+    assert torch.allclose(rdropped.context, empty_context, atol=1e-5)
+    assert torch.allclose(rdropped.pooled, empty_pooled, atol=1e-5)
+
+
+def test_base_dropout_zeroes_each_encoder_independently(base):
+    """CLIP-L's context part and bigG's context + pooled are dropped (to zeros) independently, each at ucg_rate."""
+    prompts = [f"prompt {i}" for i in range(400)]
+    cond = base.encode_for_training(prompts, (64, 64), (0, 0), (64, 64), ucg_rate=0.3,
+                                    generator=torch.Generator().manual_seed(3))
+    zero_l = (cond.context[..., :32] == 0).flatten(1).all(1)
+    zero_g = (cond.context[..., 32:] == 0).flatten(1).all(1)
+    assert torch.equal(zero_g, (cond.pooled == 0).all(1))  # bigG's context and pooled go together
+    assert 0.2 < zero_l.float().mean() < 0.4 and 0.2 < zero_g.float().mean() < 0.4
+    assert 0.03 < (zero_l & zero_g).float().mean() < 0.16  # ≈ 0.09: independent, not always together
+    assert (zero_l & ~zero_g).any() and (zero_g & ~zero_l).any()
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_sampling_default_negative_is_what_training_dropped_to(kind, base, refiner):
+    conditioner = base if kind == "base" else refiner
+    extra = {"target_size": (64, 64)} if kind == "base" else {"aesthetic_score": 6.0}
+    trained = conditioner.encode_for_training(["a cat"], (64, 64), (0, 0), ucg_rate=1.0,
+                                              generator=torch.Generator().manual_seed(0), **extra)
+    _, uncond = conditioner.encode_for_sampling("a cat", original_size=(64, 64))
+    assert torch.allclose(uncond.context, trained.context, atol=1e-5)
+    assert torch.allclose(uncond.pooled, trained.pooled, atol=1e-5)
+    assert torch.equal(conditioner.unconditional_text(2).context, trained.context.expand(2, -1, -1))
+
+
 def test_sampling_negative_conventions(base, refiner):
-    cond, uncond = base.encode_for_sampling(["a cat", "a dog"], "", original_size=(64, 64), num_images_per_prompt=3)
+    # negative_prompt=None (the default) is the model's unconditional input: zeros for the base ...
+    cond, uncond = base.encode_for_sampling(["a cat", "a dog"], original_size=(64, 64), num_images_per_prompt=3)
     assert isinstance(cond, Conditioning) and cond.context.shape == (6, 77, 96)
-    assert torch.count_nonzero(uncond.context) == 0 and torch.count_nonzero(uncond.pooled) == 0  # force zeros
+    assert torch.count_nonzero(uncond.context) == 0 and torch.count_nonzero(uncond.pooled) == 0
     assert cond.time_ids[0].tolist() == [64, 64, 0, 0, 64, 64] and torch.equal(uncond.time_ids, cond.time_ids)
+    # ... while an explicit "" is encoded, as diffusers does (force_zeros_for_empty_prompt applies to None only)
+    _, explicit_empty = base.encode_for_sampling("a cat", "", original_size=(64, 64))
+    empty_context, empty_pooled = base.encode("")
+    assert torch.count_nonzero(empty_context) > 0
+    assert torch.allclose(explicit_empty.context, empty_context, atol=1e-5)
+    assert torch.allclose(explicit_empty.pooled, empty_pooled, atol=1e-5)
     _, with_negative = base.encode_for_sampling("a cat", "blurry", original_size=(64, 64))
     assert torch.allclose(with_negative.context, base.encode("blurry")[0], atol=1e-5)
-    rcond, runcond = refiner.encode_for_sampling("a cat", "", original_size=(64, 64))
-    assert torch.allclose(runcond.context, refiner.encode("")[0], atol=1e-5)  # the refiner encodes "" (no forced zeros)
+    # per-prompt negatives may mix None (unconditional) and text
+    _, mixed = base.encode_for_sampling(["a cat", "a dog"], [None, "blurry"], original_size=(64, 64))
+    assert torch.count_nonzero(mixed.context[0]) == 0 and torch.count_nonzero(mixed.pooled[0]) == 0
+    assert torch.allclose(mixed.context[1:], base.encode("blurry")[0], atol=1e-5)
+    # the refiner's unconditional input is the encoding of "" (explicit or not)
+    rcond, runcond = refiner.encode_for_sampling("a cat", original_size=(64, 64))
+    assert torch.allclose(runcond.context, refiner.encode("")[0], atol=1e-5)
+    _, runcond_explicit = refiner.encode_for_sampling("a cat", "", original_size=(64, 64))
+    assert torch.allclose(runcond_explicit.context, runcond.context, atol=1e-5)
     assert rcond.time_ids[0, 4] == 6.0 and runcond.time_ids[0, 4] == 2.5
     with pytest.raises(ValueError, match="negative_prompt"):
         base.encode_for_sampling(["a", "b", "c"], ["x", "y"])
+    with pytest.raises(ValueError, match="negative_prompt"):
+        base.encode_for_sampling("a", [3])
     with pytest.raises(ValueError, match="prompt"):
         base.encode_for_sampling([], "")
 

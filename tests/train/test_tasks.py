@@ -3,11 +3,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import sdxl.diffusion
 from sdxl.models import build_unet
+from stages.train.cache_latents import CacheActor, _check_or_write_info, cache_identity, plan_cache
 from stages.train.data_loader import make_batch_iterator
+from stages.train.data_manifest import latent_cache_dir
 from stages.train.tasks import final_dir, make_task
 from stages.train.task_diffusion import DiffusionTask
 from stages.train.task_vae import VAETask
@@ -216,3 +219,67 @@ def test_perceptual_loss_loads_a_full_weights_file(tmp_path):
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(loaded(a, a), torch.zeros(2), atol=1e-6)
     assert (loaded(a, b) > 0).all()
+
+
+# ---- the unconditional input (SPEC, "Classifier-free guidance"): zeros for the base, "" for the refiner --------
+ALWAYS_DROP = ["train.ucg_rate=1.0", "loader.filter=null"]
+
+
+@pytest.fixture(scope="module")
+def cached_root(root):
+    """The latent cache of pretrain256's loader settings (what cache_latents writes, in-process)."""
+    cfg = stage_cfg("cache_latents", root)
+    _check_or_write_info(latent_cache_dir(cfg), cache_identity(cfg))
+    actor = CacheActor(OmegaConf.to_container(cfg, resolve=True), "cpu")
+    for item in plan_cache(cfg):
+        actor.process(item)
+    assert os.path.isfile(os.path.join(latent_cache_dir(cfg), "_uncond.safetensors"))
+    return root
+
+
+def _dropped(stage: str, root: str, extra: list[str]):
+    cfg = stage_cfg(stage, root, overrides=ALWAYS_DROP + extra)
+    task = make_task(cfg)
+    task.setup(torch.device("cpu"))
+    batch = next(make_batch_iterator(cfg, 0, 1, 2, 0, 1))
+    return task, task._conditioning(batch, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_base_training_drops_text_to_zeros(cached, cached_root):
+    task, cond = _dropped("pretrain256", cached_root, [f"loader.cached={str(cached).lower()}"])
+    assert cond.context.shape == (2, 77, 96)
+    assert torch.count_nonzero(cond.context) == 0 and torch.count_nonzero(cond.pooled) == 0
+    assert torch.count_nonzero(cond.time_ids) > 0  # micro-conditioning is kept
+    assert task.lineage_tags()["unconditional"] == "zeros"
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_refiner_training_drops_text_to_the_empty_prompt(cached, cached_root):
+    task, cond = _dropped("train_refiner", cached_root,
+                          [f"loader.cached={str(cached).lower()}", "loader.multi_aspect=false", "loader.resolution=64"])
+    empty_context, empty_pooled = task.frozen.conditioner.encode([""])
+    assert torch.count_nonzero(empty_context) > 0
+    # the cache stores float16 by default
+    assert torch.allclose(cond.context, empty_context.expand(2, -1, -1), atol=2e-3)
+    assert torch.allclose(cond.pooled, empty_pooled.expand(2, -1), atol=2e-3)
+    assert task.lineage_tags()["unconditional"] == "empty_prompt"
+
+
+def test_sample_grid_guides_with_the_trained_unconditional_input(root, monkeypatch):
+    import stages.train.task_diffusion as task_diffusion
+
+    seen = []
+    real = task_diffusion.sample_base
+
+    def spy(unet, cond, uncond, params, latents=None):
+        seen.append(uncond)
+        return real(unet, cond, uncond, params, latents)
+
+    monkeypatch.setattr(task_diffusion, "sample_base", spy)
+    cfg = stage_cfg("pretrain256", root, overrides=["train.sample.prompts=[a red circle]", "train.sample.steps=1"])
+    task = make_task(cfg)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    task.sample_images(model, step=0)
+    assert len(seen) == 1 and torch.count_nonzero(seen[0].context) == 0 and torch.count_nonzero(seen[0].pooled) == 0
