@@ -150,7 +150,8 @@ def test_p5_nodes_use_efa_in_a_cluster_placement_group():
     assert {i["SubnetId"] for i in interfaces} == {settings()["aws_subnet_id"]}
     assert {g for i in interfaces for g in i["Groups"]} == {settings()["aws_security_group_id"]}
     options = " ".join(gpu["docker"]["worker_run_options"])
-    assert "/dev/infiniband" in options and "memlock=-1" in options and "IPC_LOCK" in options
+    assert "--gpus all" in options and "/dev/infiniband" in options
+    assert "memlock=-1" in options and "IPC_LOCK" in options
     # Head and CPU workers share the subnet and security group, so they can reach the GPU nodes.
     for name in ("head", "cpu_data"):
         assert config["available_node_types"][name]["node_config"]["SubnetIds"] == [settings()["aws_subnet_id"]]
