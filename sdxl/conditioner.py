@@ -25,6 +25,15 @@ def default_unconditional_kind(kind: str) -> str:
     return UNCONDITIONAL_ZEROS if kind == "base" else UNCONDITIONAL_EMPTY_PROMPT
 
 
+def resolve_unconditional_kind(recorded: str | None, kind: str, where: str = "recorded value") -> str:
+    """``recorded`` (what weights say they were trained with) checked, or the default of ``kind`` when None."""
+    if recorded is None:
+        return default_unconditional_kind(kind)
+    if recorded not in UNCONDITIONAL_KINDS:
+        raise ValueError(f"{where}: unconditional={recorded!r} is not one of {list(UNCONDITIONAL_KINDS)}")
+    return recorded
+
+
 @dataclass
 class Conditioning:
     """What a UNet call needs besides the noisy latents and the timestep.

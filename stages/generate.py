@@ -28,6 +28,9 @@ def request_body(gen_cfg, prompt: str, index: int) -> dict:
     for key in ("width", "height", "steps"):
         if gen_cfg.get(key) is not None:
             body[key] = int(gen_cfg[key])
+    # Unset (null): the server uses each model's unconditional input; a string, even "", is sent and encoded.
+    if gen_cfg.get("negative_prompt") is not None:
+        body["negative_prompt"] = str(gen_cfg.negative_prompt)
     return body
 
 

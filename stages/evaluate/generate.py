@@ -161,11 +161,16 @@ class Generator:
 
 
 def build_generator(ref: CheckpointRef, cfg, device: torch.device) -> Generator:
+    from sdxl.conditioner import UNCONDITIONAL_ZEROS, resolve_unconditional_kind
     from sdxl.presets import get_preset
     from stages.train.task_components import build_frozen_parts
 
     unet = load_unet(ref, cfg, device)
     frozen = build_frozen_parts(cfg, "base", device)
+    # Guidance needs the unconditional input the checkpoint was trained with (its final/info.json records it).
+    recorded = (ref.info.get("lineage") or {}).get("unconditional")
+    frozen.conditioner.force_zeros_for_empty_prompt = resolve_unconditional_kind(
+        recorded, "base", f"{ref.description} info.json") == UNCONDITIONAL_ZEROS
     ev = cfg.evaluate
     return Generator(unet=unet, vae=frozen.vae, conditioner=frozen.conditioner,
                      vae_scale_factor=get_preset(str(cfg.model.preset)).vae_scale_factor,
@@ -179,7 +184,8 @@ def generate_batches(gen: Generator, prompts: list[str], guidance_scale: float,
     """(images [n, 3, r, r] in [0, 1] (float32, CPU), their prompts) one sampling batch at a time.
 
     Batch ``i`` is seeded with ``seed + i``, the same at every scale, so scales differ only in guidance. Micro-
-    conditioning is the evaluation size with crop (0, 0), as at inference."""
+    conditioning is the evaluation size with crop (0, 0), as at inference; the negative side is the model's
+    unconditional input (no negative prompt)."""
     from sdxl.sampling import SampleParams, decode_latents, sample_base
 
     if batch_size < 1:

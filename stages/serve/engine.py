@@ -139,9 +139,8 @@ class TextEncoderCore:
         return out
 
     def encode(self, requests: Sequence[GenerateRequest]) -> list:
-        # An all-empty negative prompt becomes zeros (force_zeros_for_empty_prompt) only when *every* negative of a
-        # call is empty, so requests with and without a negative prompt are encoded in separate calls.
-        return run_grouped(requests, lambda r: (r.negative_prompt == "", r.refiner), self._encode_group)
+        # Negatives are per request (None = the model's unconditional input), so only the refiner flag splits a call.
+        return run_grouped(requests, lambda r: r.refiner, self._encode_group)
 
 
 class BaseSamplerCore:

@@ -16,6 +16,7 @@ so replicas on other nodes download what they need themselves.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -261,7 +262,7 @@ def load_text_conditioners(sources: ModelSources):
     """(base TextConditioner, refiner TextConditioner) sharing one bigG encoder, on the serving device."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxl.conditioner import TextConditioner
+    from sdxl.conditioner import UNCONDITIONAL_ZEROS, TextConditioner
     from sdxl.models import build_text_encoder_g, build_text_encoder_l
     from sdxl.presets import get_preset
     from sdxl.tokenizers import load_tokenizers
@@ -285,6 +286,46 @@ def load_text_conditioners(sources: ModelSources):
         log.info("loaded text encoders and tokenizers from %s", sources.text)
     for encoder in (text_l, text_g):
         encoder.to(device).eval().requires_grad_(False)
-    base = TextConditioner(tok_l, text_l, tok_g, text_g, kind="base")
-    refiner = TextConditioner(None, None, tok_g, text_g, kind="refiner")
+    zeros = {kind: recorded_unconditional_kind(_local_folder(source, sources), kind) == UNCONDITIONAL_ZEROS
+             for kind, source in (("base", sources.base), ("refiner", sources.refiner))}
+    base = TextConditioner(tok_l, text_l, tok_g, text_g, kind="base", force_zeros_for_empty_prompt=zeros["base"])
+    refiner = TextConditioner(None, None, tok_g, text_g, kind="refiner",
+                              force_zeros_for_empty_prompt=zeros["refiner"])
     return base, refiner
+
+
+def _local_folder(source: str | None, sources: ModelSources) -> str | None:
+    """The local folder of a weights source without fetching anything (None for URIs and random weights)."""
+    if source is None:
+        return None
+    folder = _local_path(str(source), sources.root)
+    return folder if folder and os.path.isdir(folder) else None
+
+
+def recorded_unconditional_kind(folder: str | None, kind: str) -> str:
+    """The unconditional input (``"zeros"`` | ``"empty_prompt"``) the weights in ``folder`` were trained with: a
+    training stage's ``final/info.json`` (``lineage.unconditional``; the folder or its parent, for ``final/ema``),
+    a diffusers pipeline's ``model_index.json`` (``force_zeros_for_empty_prompt``), else the default of ``kind``
+    (what this project trains; also what a fetched ``models:/`` or object-store source gets)."""
+    from sdxl.conditioner import UNCONDITIONAL_EMPTY_PROMPT, UNCONDITIONAL_ZEROS, resolve_unconditional_kind
+
+    recorded, where = None, "default"
+    for info_path in _candidates(folder, "info.json", with_parent=True):
+        with open(info_path, encoding="utf-8") as f:
+            recorded, where = (json.load(f).get("lineage") or {}).get("unconditional"), info_path
+        break
+    if recorded is None:
+        for index_path in _candidates(folder, "model_index.json"):
+            with open(index_path, encoding="utf-8") as f:
+                force_zeros = json.load(f).get("force_zeros_for_empty_prompt")
+            if force_zeros is not None:
+                recorded = UNCONDITIONAL_ZEROS if force_zeros else UNCONDITIONAL_EMPTY_PROMPT
+    return resolve_unconditional_kind(recorded, kind, where)
+
+
+def _candidates(folder: str | None, name: str, with_parent: bool = False) -> list[str]:
+    if folder is None:
+        return []
+    folder = folder.rstrip("/\\") or folder
+    paths = [os.path.join(folder, name)] + ([os.path.join(os.path.dirname(folder), name)] if with_parent else [])
+    return [p for p in paths if os.path.isfile(p)]

@@ -66,7 +66,7 @@ class ServeLimits:
 class RequestDefaults:
     """Values used for fields a request leaves out (``cfg.serve.request_defaults``)."""
 
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # None: the model's unconditional input (zeros base, "" refiner)
     width: int = 1024
     height: int = 1024
     steps: int = 30
@@ -85,7 +85,7 @@ class GenerateRequest:
     """A fully resolved generation request (every default filled in, every value checked)."""
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None = the model's unconditional input; a string (even "") is encoded
     width: int
     height: int
     steps: int
@@ -246,7 +246,9 @@ def parse_generate_request(body: Any, limits: ServeLimits, defaults: RequestDefa
     prompt = _str(body, "prompt", None, limits.max_prompt_chars)
     if not prompt.strip():
         raise RequestError("prompt", "must not be empty")
-    negative_prompt = _str(body, "negative_prompt", defaults.negative_prompt, limits.max_prompt_chars)
+    negative_prompt = None
+    if body.get("negative_prompt", defaults.negative_prompt) is not None:
+        negative_prompt = _str(body, "negative_prompt", defaults.negative_prompt, limits.max_prompt_chars)
 
     width = _size(body, "width", defaults.width, limits)
     height = _size(body, "height", defaults.height, limits)

@@ -60,6 +60,8 @@ def test_generate_from_the_playground(serve_app, browser, tmp_path):
     assert shown["parameters"]["seed"] == 77 and shown["parameters"]["refiner"] is True
     assert shown["parameters"]["refiner_strength"] == 0.5
     assert shown["parameters"]["steps"] == 4 and shown["parameters"]["width"] == 160
+    # an empty negative-prompt box sends none: the model's unconditional input, not an encoded ""
+    assert shown["parameters"]["negative_prompt"] is None
     screenshot = tmp_path / "playground.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
     print(f"playground screenshot: {screenshot}")

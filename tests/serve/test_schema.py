@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -42,6 +43,21 @@ def test_minimal_request_resolves_defaults():
     assert req.refiner is False and req.seeds == [7] and not req.seed_was_random
     resolved = req.resolved()
     assert resolved["seed"] == 7 and resolved["refiner_strength"] is None and resolved["original_size"] == [512, 512]
+
+
+def test_negative_prompt_absent_means_the_models_unconditional_input():
+    """No (or a null) negative_prompt resolves to None — the model's unconditional input (zeros for the base, "" for
+    the refiner); an explicit "" stays "" and is encoded, as in diffusers."""
+    from omegaconf import OmegaConf
+
+    assert parse({"prompt": "p"}).negative_prompt is None
+    assert parse({"prompt": "p", "negative_prompt": None}).negative_prompt is None
+    assert parse({"prompt": "p", "negative_prompt": ""}).negative_prompt == ""
+    assert parse({"prompt": "p"}).resolved()["negative_prompt"] is None
+    assert RequestDefaults().negative_prompt is None
+    serve_defaults = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf", "serve",
+                                                 "default.yaml")).request_defaults
+    assert defaults_from_config(serve_defaults).negative_prompt is None
 
 
 def test_non_square_size_and_micro_conditioning_are_kept():
