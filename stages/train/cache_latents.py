@@ -195,7 +195,8 @@ def run(cfg: DictConfig, ctx) -> dict:
         dataset = ray.data.from_items([{"item": json.dumps(it)} for it in pending], override_num_blocks=len(pending))
         extra = {"num_gpus": float(settings["num_gpus"])} if use_gpu else {}
         dataset.map_batches(CacheActor, fn_constructor_kwargs={"cfg": container, "device": device}, batch_size=1,
-                            batch_format="numpy", concurrency=min(int(settings["num_actors"]), len(pending)),
+                            batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=min(int(settings["num_actors"]), len(pending))),
                             num_cpus=1, **extra).take_all()
         missing = [it["out"] for it in pending if not storage.exists(it["out"])]
         if missing:
