@@ -38,19 +38,21 @@ def _pipeline_class(kind: str):
 
 
 def make_pipeline(kind: str, unet, vae, text_encoder_g, tokenizer_g, text_encoder_l=None, tokenizer_l=None,
-                  scheduler=None):
+                  scheduler=None, force_zeros_for_empty_prompt: bool | None = None):
     """An in-memory diffusers SDXL pipeline around our modules (no copies). ``scheduler`` defaults to SDXL's
-    Euler discrete scheduler on the training schedule (:func:`sdxl.sampling.make_scheduler`)."""
+    Euler discrete scheduler on the training schedule (:func:`sdxl.sampling.make_scheduler`);
+    ``force_zeros_for_empty_prompt`` (the model's unconditional input) to the kind's public setting."""
     cls = _pipeline_class(kind)
     scheduler = scheduler if scheduler is not None else make_scheduler("euler")
+    zeros = (kind == "base") if force_zeros_for_empty_prompt is None else bool(force_zeros_for_empty_prompt)
     if kind == "base":
         if text_encoder_l is None or tokenizer_l is None:
             raise ValueError("a base pipeline needs text_encoder_l and tokenizer_l (CLIP ViT-L)")
         return cls(vae=vae, text_encoder=text_encoder_l, text_encoder_2=text_encoder_g, tokenizer=tokenizer_l,
-                   tokenizer_2=tokenizer_g, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                   tokenizer_2=tokenizer_g, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=zeros,
                    add_watermarker=False)
     return cls(vae=vae, text_encoder=None, text_encoder_2=text_encoder_g, tokenizer=None, tokenizer_2=tokenizer_g,
-               unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+               unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=zeros,
                add_watermarker=False)
 
 
@@ -78,13 +80,14 @@ def replace_folder(staging: str, folder: str) -> None:
 
 
 def write_pipeline_folder(folder: str, kind: str, unet, vae, text_encoder_g, tokenizer_g, text_encoder_l=None,
-                          tokenizer_l=None, scheduler=None) -> dict:
+                          tokenizer_l=None, scheduler=None, force_zeros_for_empty_prompt: bool | None = None) -> dict:
     """Write the diffusers folder of ``kind`` ("base" | "refiner") to the local path ``folder`` (safetensors weights,
     modules saved in their current dtype). Returns {"path", "kind", "files"}."""
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    pipeline = make_pipeline(kind, unet, vae, text_encoder_g, tokenizer_g, text_encoder_l, tokenizer_l, scheduler)
+    pipeline = make_pipeline(kind, unet, vae, text_encoder_g, tokenizer_g, text_encoder_l, tokenizer_l, scheduler,
+                             force_zeros_for_empty_prompt)
     staging = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(folder)}")
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)

@@ -9,8 +9,10 @@ Sources (EMA weights by default, ``export.weights``):
   otherwise — by the rule of stages/train, so the same weights the training stages conditioned on).
 
 Outputs: ``diffusers/base/`` (StableDiffusionXLPipeline), ``diffusers/refiner/`` (StableDiffusionXLImg2ImgPipeline),
-``sdxl_base.safetensors`` / ``sdxl_refiner.safetensors`` (original SDXL key layout, for ComfyUI / AUTOMATIC1111 /
-``from_single_file``), ``export.json`` (what came from where) and ``README.txt``. Everything is assembled in a local
+whose ``force_zeros_for_empty_prompt`` says what each model was trained with as its unconditional input (base: zeros,
+true; refiner: the encoding of "", false), ``sdxl_base.safetensors`` / ``sdxl_refiner.safetensors`` (original SDXL
+key layout, for ComfyUI / AUTOMATIC1111 / ``from_single_file``), ``export.json`` (what came from where) and
+``README.txt``. Everything is assembled in a local
 folder, then renamed into place (local root) or uploaded file by file (object store). Outputs of an earlier export
 that this one does not write (say its refiner, after ``export.refiner=none``) are removed, with a warning, so the
 folder never pairs models from different exports.
@@ -29,6 +31,7 @@ from omegaconf import DictConfig
 
 from pipeline import storage
 from pipeline.context import StageContext
+from sdxl.conditioner import UNCONDITIONAL_ZEROS, resolve_unconditional_kind
 from sdxl.diffusers_folder import replace_folder, write_pipeline_folder
 from sdxl.presets import ModelPreset, get_preset
 from sdxl.single_file import save_single_file
@@ -252,6 +255,8 @@ def readme_text(summary: dict) -> str:
         f"refiner UNet from: {summary['sources']['refiner'] or '(none: no refiner exported)'}",
         f"VAE from:          {summary['sources']['vae'] or 'the preset VAE (model.pretrained or seeded random init)'}",
         "text encoders:     " + ", ".join(f"{k}: {v}" for k, v in summary["text_encoders"].items()),
+        "unconditional:     " + ", ".join(f"{k}: {v}" for k, v in summary["unconditional"].items())
+        + " (what CFG dropout trained with; force_zeros_for_empty_prompt in model_index.json)",
         "",
         "diffusers/base/     StableDiffusionXLPipeline.from_pretrained('diffusers/base')",
         "diffusers/refiner/  StableDiffusionXLImg2ImgPipeline.from_pretrained('diffusers/refiner')",
@@ -278,6 +283,14 @@ def _read_info(module_uri: str | None) -> dict | None:
         return None
     info = storage.join(module_uri.rstrip("/").rsplit("/", 1)[0], "info.json")
     return storage.read_json(info) if storage.is_file(info) else None
+
+
+def trained_unconditional_kind(info: dict | None, kind: str) -> str:
+    """What the model was trained with as its unconditional input (``final/info.json`` records it), else the
+    default of its kind: the base zeros, the refiner the encoding of "" (SPEC). The exported diffusers config's
+    ``force_zeros_for_empty_prompt`` says it, so diffusers guides with the same input."""
+    recorded = ((info or {}).get("lineage") or {}).get("unconditional")
+    return resolve_unconditional_kind(recorded, kind, "the exported model's final/info.json")
 
 
 # ------------------------------------------------------------------------------------------------------ the stage
@@ -328,6 +341,8 @@ def export_models(cfg: DictConfig, root: str, scratch: str) -> dict:
         same = _pretrained(cfg, "refiner") == _pretrained(cfg, "base")
         texts["refiner"] = texts["base"] if same else load_text_side(preset, cfg, "refiner", dtype)
 
+    infos = {"base": _read_info(sources.base), "refiner": _read_info(sources.refiner), "vae": _read_info(sources.vae)}
+    unconditional = {kind: trained_unconditional_kind(infos[kind], kind) for kind in unets}
     export_dir = storage.join(root, "export")
     staging = _staging_dir(root, scratch)
     outputs: dict[str, dict] = {}
@@ -337,14 +352,17 @@ def export_models(cfg: DictConfig, root: str, scratch: str) -> dict:
             text_l = text["text_encoder_l"] if kind == "base" else None
             tok_l = text["tokenizer_l"] if kind == "base" else None
             if write_diffusers:
-                written = write_pipeline_folder(os.path.join(staging, "diffusers", kind), kind, unet, vae,
-                                                text["text_encoder_g"], text["tokenizer_g"], text_l, tok_l)
+                written = write_pipeline_folder(
+                    os.path.join(staging, "diffusers", kind), kind, unet, vae, text["text_encoder_g"],
+                    text["tokenizer_g"], text_l, tok_l,
+                    force_zeros_for_empty_prompt=unconditional[kind] == UNCONDITIONAL_ZEROS)
                 publish(written["path"], storage.join(export_dir, "diffusers", kind))
                 outputs[f"diffusers/{kind}"] = {"files": written["files"]}
             if write_single:
                 name = f"sdxl_{kind}.safetensors"
                 meta = {"modelspec.title": f"SDXL {kind} ({preset.name} preset)", "sdxl_pipeline.preset": preset.name,
-                        "sdxl_pipeline.unet_source": getattr(sources, kind)}
+                        "sdxl_pipeline.unet_source": getattr(sources, kind),
+                        "sdxl_pipeline.unconditional": unconditional[kind]}
                 written = save_single_file(os.path.join(staging, name), kind, unet, vae, text["text_encoder_g"],
                                            text_l, metadata=meta)
                 publish(written["path"], storage.join(export_dir, name))
@@ -357,8 +375,7 @@ def export_models(cfg: DictConfig, root: str, scratch: str) -> dict:
         "export_dir": export_dir, "preset": preset.name, "weights": str(export_cfg.get("weights", "ema")),
         "dtype": dtype_name, "sources": asdict(sources), "outputs": outputs,
         "text_encoders": {kind: text["source"] for kind, text in texts.items()}, "removed_stale": removed,
-        "training_info": {"base": _read_info(sources.base), "refiner": _read_info(sources.refiner),
-                          "vae": _read_info(sources.vae)},
+        "training_info": infos, "unconditional": unconditional,
     }
     storage.write_json_atomic(storage.join(export_dir, "export.json"), summary)
     storage.write_bytes_atomic(storage.join(export_dir, "README.txt"), readme_text(summary).encode("utf-8"))

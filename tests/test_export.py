@@ -101,6 +101,7 @@ def test_export_writes_every_output(exported):
     assert json.loads((out / "diffusers" / "base" / "model_index.json").read_text())["force_zeros_for_empty_prompt"]
     summary = json.loads((out / "export.json").read_text())
     assert summary["training_info"]["base"] == {"stage": "finetune_aspect", "step": 3}
+    assert summary["unconditional"] == {"base": "zeros", "refiner": "empty_prompt"}
     readme = (out / "README.txt").read_text()
     assert "sdxl_base.safetensors" in readme and "finetune_aspect" in readme
     assert not [p for p in out.rglob("*") if p.name.startswith((".tmp-", ".staging-", ".old-"))]
@@ -125,6 +126,17 @@ def test_exported_base_generates_what_our_sampler_generates(exported, text_side)
     assert theirs.shape == ours.shape == (1, 3, SIZE, SIZE)
     assert (ours - theirs).abs().max().item() <= MAX_PIXEL_ERROR
 
+    # An explicit negative_prompt="" is encoded on both sides (force_zeros_for_empty_prompt covers None only).
+    _, uncond_empty = base_text.encode_for_sampling(PROMPT, "", original_size=(SIZE, SIZE))
+    _, neg_embeds, _, neg_pooled = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, negative_prompt="")
+    torch.testing.assert_close(neg_embeds, uncond_empty.context)
+    torch.testing.assert_close(neg_pooled, uncond_empty.pooled)
+    ours_empty = decode_latents(modules["vae"], sample_base(modules["base"], cond, uncond_empty, params))
+    theirs_empty = pipe(prompt=PROMPT, negative_prompt="", height=SIZE, width=SIZE, num_inference_steps=3,
+                        guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    assert (ours_empty - theirs_empty).abs().max().item() <= MAX_PIXEL_ERROR
+    assert (ours_empty - ours).abs().max().item() > 10 * MAX_PIXEL_ERROR  # the two unconditional inputs differ
+
 
 def test_exported_refiner_img2img_matches_our_sdedit(exported, text_side):
     out, _, modules = exported
@@ -132,6 +144,11 @@ def test_exported_refiner_img2img_matches_our_sdedit(exported, text_side):
     assert pipe.text_encoder is None and _same_weights(pipe.unet, modules["refiner"])
     _, refiner_text = text_side
     cond, uncond = refiner_text.encode_for_sampling(PROMPT, original_size=(SIZE, SIZE))
+    # The refiner's unconditional input is the encoding of "" (force_zeros_for_empty_prompt false), on both sides.
+    _, neg_embeds, _, neg_pooled = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True)
+    torch.testing.assert_close(neg_embeds, uncond.context)
+    torch.testing.assert_close(neg_pooled, uncond.pooled)
+    assert neg_embeds.any()
     base_latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
     kwargs = {"strength": 0.25, "guidance_scale": 5.0}
     ours = decode_latents(modules["vae"], refine_sdedit(modules["refiner"], base_latents, cond, uncond, steps=8,
@@ -160,6 +177,20 @@ def test_exported_folder_is_a_starting_point_for_build_components(exported):
     assert _same_weights(comps.unet, modules["base"]) and _same_weights(comps.refiner_unet, modules["refiner"])
     assert _same_weights(comps.vae, modules["vae"])
     assert len(comps.tokenizer_l) == len(comps.tokenizer_g) == 49408 and comps.tokenizer_g.pad_token == "!"
+
+
+def test_exported_config_says_what_the_weights_were_trained_with(trained, tmp_path):
+    """A base whose final/info.json records the encoding of "" as its unconditional input exports
+    force_zeros_for_empty_prompt=false, so diffusers guides it with what it saw in training."""
+    root, _ = trained
+    other = tmp_path / "root"
+    shutil.copytree(root / "runs", other / "runs")
+    (other / "runs" / "finetune_aspect" / "final" / "info.json").write_text(
+        json.dumps({"stage": "finetune_aspect", "step": 3, "lineage": {"unconditional": "empty_prompt"}}))
+    run(_cfg(single_file=False, refiner="none"), StageContext(root=str(other), stage="export"))
+    index = json.loads((other / "export" / "diffusers" / "base" / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is False
+    assert json.loads((other / "export" / "export.json").read_text())["unconditional"] == {"base": "empty_prompt"}
 
 
 def test_sources_follow_config(trained, tmp_path):
