@@ -11,7 +11,9 @@ Micro-conditioning at sampling comes from the parameters, which replace the ``ti
 :class:`Conditioning` (one source of truth per request): base ``(orig_h, orig_w, crop_top, crop_left, target_h,
 target_w)``, with optional ``negative_*`` values for the unconditional branch (default: the same, as in diffusers and
 sgm); refiner ``(orig_h, orig_w, crop_top, crop_left, aesthetic_score)`` with the negative aesthetic score for the
-unconditional branch. Initial noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (as diffusers'
+unconditional branch. ``uncond`` must be the model's unconditional input — what training dropped the text to (zeros
+for the base, the encoding of "" for the refiner): ``TextConditioner.encode_for_sampling`` returns it when no negative
+prompt is given. Initial noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (as diffusers'
 ``randn_tensor`` does for a CPU generator), so a seed gives the same image on any device.
 """
 
