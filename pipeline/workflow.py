@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def config_hash(cfg: DictConfig) -> str:
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    """A stage's resolved config, without the `workflow` section: that is the chain's bookkeeping, and a stage's own
+    entry in it already reaches the hash through the overrides composed into that stage's config."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("workflow", None)
+    text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -19,27 +19,41 @@ def _run_chain(root, extra):
         return execute("demo", cfg, overrides=[o for o in overrides if not o.startswith("workflow.")])
 
 
+def _child_runs(root) -> dict[str, int]:
+    """How many MLflow runs each chained stage has had: a skipped stage opens none."""
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("sdxl")
+    names = [r.info.run_name for r in client.search_runs([experiment.experiment_id])]
+    return {name: names.count(name) for name in ("demo", "demo_data", "model_summary")}
+
+
 def test_chain_runs_then_skips_then_reruns_what_changed(tmp_path):
     root = tmp_path / "root"
     first = _run_chain(root, [])
     assert set(first["stages"]) == {"demo_data", "model_summary"}
     assert not any(r.get("skipped") for r in first["stages"].values())
     assert first["stages"]["model_summary"]["parameters"]["unet_base"] > 0
-    assert storage.exists(str(root / "workflow" / "demo" / "demo_data.json"))
+    marker = root / "workflow" / "demo" / "model_summary.json"
+    finished = storage.read_json(str(marker))["finished_at"]
+    assert _child_runs(root) == {"demo": 1, "demo_data": 1, "model_summary": 1}
 
     second = _run_chain(root, [])
-    assert all(r.get("skipped") for r in second["stages"].values())
+    assert second["stages"] == {"demo_data": {"skipped": True}, "model_summary": {"skipped": True}}
+    # Skipped for real: neither stage opened a run or rewrote its marker.
+    assert _child_runs(root) == {"demo": 2, "demo_data": 1, "model_summary": 1}
+    assert storage.read_json(str(marker))["finished_at"] == finished
 
-    # A different config for one stage re-runs that stage only.
-    third = _run_chain(root, ["demo.seed=1"])
+    # A different config for one stage (a per-stage override of the chain) re-runs that stage only.
+    third = _run_chain(root, ['+workflow.overrides.demo_data=["demo.seed=1"]'])
     assert not third["stages"]["demo_data"].get("skipped")
+    assert third["stages"]["model_summary"] == {"skipped": True}
+    assert _child_runs(root) == {"demo": 3, "demo_data": 2, "model_summary": 1}
 
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
-    experiment = client.get_experiment_by_name("sdxl")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("sdxl").experiment_id])
     parents = {r.info.run_id for r in runs if r.info.run_name == "demo"}
     children = [r for r in runs if r.info.run_name in ("demo_data", "model_summary")]
-    assert len(parents) == 3 and children
+    assert len(parents) == 3 and len(children) == 3
     assert all(r.data.tags.get("mlflow.parentRunId") in parents for r in children)
 
 
@@ -50,4 +64,5 @@ def test_missing_output_makes_a_stage_run_again(tmp_path):
     storage.remove(str(root / "demo_images"))
     again = _run_chain(root, [])
     assert not again["stages"]["demo_data"].get("skipped")
-    assert again["stages"]["model_summary"].get("skipped")
+    assert again["stages"]["model_summary"] == {"skipped": True}
+    assert _child_runs(root) == {"demo": 2, "demo_data": 2, "model_summary": 1}
