@@ -29,7 +29,7 @@ from pipeline import storage
 from sdxl.buckets import bucket_name
 from sdxl.crops import bucket_crop_resize
 from stages.train.bucket_schedule import merge_small_buckets
-from stages.train.data_loader import choose_caption, decode_rgb, pil_to_tensor
+from stages.train.data_loader import choose_caption, decode_rgb, original_size, pil_to_tensor
 from stages.train.data_manifest import dataset_dir_from_cfg, latent_cache_dir, select_samples, stage_buckets
 from stages.train.data_shards import TarShardReader, sample_member
 from stages.train.task_components import build_frozen_parts, encode_posterior, resolve_vae_source
@@ -110,7 +110,7 @@ def encode_shard(item: dict, samples_by_key: dict, reader: TarShardReader, parts
         cropped, info = bucket_crop_resize(image, bucket, rng=rng, mode=crop_mode)
         pixels.append(pil_to_tensor(cropped))
         captions.append(choose_caption(row, rng, synthetic_prob))
-        sizes.append(info.c_size)
+        sizes.append(original_size(row, image))
         crops.append(info.c_crop)
     latents, contexts, pooled = [], [], []
     step = max(1, int(settings["batch_size"]))

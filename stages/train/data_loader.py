@@ -175,6 +175,17 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def original_size(row, image: Image.Image) -> tuple[int, int]:
+    """c_size (Sec. 2.2): the original's (height, width) from the manifest (``orig_h``, ``orig_w``, EXIF-corrected at
+    ingest), which a downscaled shard copy no longer has; the decoded image's size only where the manifest lacks it.
+    (c_crop needs no such care: Alg. 1 crops after resizing the shorter side to the bucket, whatever the stored size.)
+    """
+    h, w = row.get("orig_h"), row.get("orig_w")
+    if h is None or w is None or pd.isna(h) or pd.isna(w) or int(h) <= 0 or int(w) <= 0:
+        return image.height, image.width
+    return int(h), int(w)
+
+
 def choose_caption(row, rng: np.random.Generator, synthetic_prob: float) -> str:
     """The synthetic caption with probability ``synthetic_prob`` when there is one, else the original (nulls → "")."""
     caption, synthetic = row.get("caption"), row.get("caption_synthetic")
@@ -205,7 +216,8 @@ class PixelSource:
             raise ValueError(f"cannot decode sample {record['key']!r} in shard {record['shard']}: {err}") from err
         cropped, info = bucket_crop_resize(image, bucket, rng=rng, mode=self.crop_mode)
         return {"pixels": pil_to_tensor(cropped), "caption": choose_caption(record, rng, self.synthetic_prob),
-                "original_size": info.c_size, "crop_coords": info.c_crop, "target_size": info.c_target,
+                "original_size": original_size(record, image), "crop_coords": info.c_crop,
+                "target_size": info.c_target,
                 "aesthetic_score": float(self.aesthetic[row]), "key": str(record["key"])}
 
     def collate(self, items: list[dict], bucket: tuple[int, int]) -> dict:

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from sdxl.crops import bucket_crop_resize
 from stages.train.data_loader import (build_plan, choose_caption, decode_rgb, make_batch_iterator, pil_to_tensor,
@@ -166,6 +167,51 @@ def test_pixels_are_the_sample_image_cropped(dataset):
         assert tuple(size.tolist()) == (image.height, image.width) == (row["orig_h"], row["orig_w"])
         expected = pil_to_tensor(bucket_crop_resize(image, (40, 40), mode="center")[0])
         assert torch.equal(pixels, expected)
+
+
+def _downscaled_dataset(root: str):
+    """Shards whose stored images are smaller than the manifest's original sizes (as after the buckets stage's
+    max_side): (dataset dir, manifest indexed by key, stored (h, w) per key)."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(root, "data", "default")
+    write_dataset(path, {(64, 64): 4})
+    manifest = pq.read_table(os.path.join(path, "manifest.parquet")).to_pandas()
+    stored = dict(zip(manifest["key"], zip(manifest["orig_h"], manifest["orig_w"])))
+    manifest["orig_h"] *= 4
+    manifest["orig_w"] *= 3
+    pq.write_table(pa.Table.from_pandas(manifest, preserve_index=False), os.path.join(path, "manifest.parquet"))
+    return path, manifest.set_index("key"), stored
+
+
+def test_size_conditioning_is_the_manifest_original_size_of_a_downscaled_shard(tmp_path):
+    """c_size is the original's size from the manifest (orig_h, orig_w), not the stored image's; the crop is still
+    taken from the stored pixels."""
+    path, originals, stored = _downscaled_dataset(str(tmp_path))
+    cfg = loader_cfg(path, multi_aspect=False, resolution=40, crop_mode="center")
+    batch = next(make_batch_iterator(cfg, 0, 1, 4, 0, 1))
+    for key, size, crop in zip(batch["keys"], batch["original_size"], batch["crop_coords"]):
+        assert tuple(size.tolist()) == (originals.loc[key, "orig_h"], originals.loc[key, "orig_w"])
+        assert tuple(size.tolist()) != stored[key]
+        assert tuple(crop.tolist()) == bucket_crop_resize(Image.new("RGB", stored[key][::-1]), (40, 40),
+                                                          mode="center")[1].c_crop
+
+
+def test_latent_cache_records_the_manifest_original_size(tmp_path):
+    from omegaconf import OmegaConf
+
+    from stages.train.cache_latents import CacheActor, plan_cache
+    from tests.train.shard_fixtures import stage_cfg
+
+    _, originals, _ = _downscaled_dataset(str(tmp_path))
+    cfg = stage_cfg("cache_latents", str(tmp_path), overrides=["loader.resolution=32"])
+    actor = CacheActor(OmegaConf.to_container(cfg, resolve=True), "cpu")
+    for item in plan_cache(cfg):
+        actor.process(item)
+    batch = next(make_batch_iterator(stage_cfg("pretrain256", str(tmp_path), overrides=[
+        "loader.cached=true", "loader.resolution=32"]), 0, 1, 4, 0, 1))
+    for key, size in zip(batch["keys"], batch["original_size"]):
+        assert tuple(size.tolist()) == (originals.loc[key, "orig_h"], originals.loc[key, "orig_w"])
 
 
 def test_null_captions_become_empty_strings():
