@@ -1,6 +1,7 @@
 import os
 
 import pyarrow as pa
+import pytest
 
 from pipeline import storage
 
@@ -23,10 +24,8 @@ def test_write_failure_keeps_previous_content(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    try:
+    with pytest.raises(OSError, match="disk full"):
         storage.write_json_atomic(str(target), {"n": 2})
-    except OSError:
-        pass
     assert storage.read_json(str(target)) == {"n": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["stats.json"]
 

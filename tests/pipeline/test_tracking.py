@@ -1,4 +1,5 @@
 import mlflow
+import pytest
 from omegaconf import OmegaConf
 
 from pipeline.tracking import flatten_config, stage_run
@@ -35,11 +36,9 @@ def test_stage_run_logs_params_metrics_and_nesting(tmp_path):
 
 def test_failed_stage_marks_run_failed(tmp_path):
     cfg = _cfg(tmp_path)
-    try:
+    with pytest.raises(RuntimeError, match="boom"):
         with stage_run(cfg, "buckets") as tracker:
             raise RuntimeError("boom")
-    except RuntimeError:
-        pass
     assert mlflow.MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).info.status == "FAILED"
 
 
