@@ -10,6 +10,11 @@ from typing import Any
 from pipeline import storage
 
 
+def result_uri(root: str, stage: str) -> str:
+    """Where a stage's full result (the dict its ``run`` returned, with timing and MLflow run id) is written."""
+    return storage.join(str(root), "results", f"{stage}.json")
+
+
 @dataclass
 class StageContext:
     """Handed to every stage's ``run(cfg, ctx)``.

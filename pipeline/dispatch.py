@@ -1,4 +1,4 @@
-"""Run one stage: join or start Ray when it needs it, open its MLflow run, hand it a StageContext."""
+"""Run one stage: join or start Ray when it needs it, open its MLflow run, hand it a StageContext, write its result."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import time
 
 from omegaconf import DictConfig
 
-from pipeline.context import StageContext
+from pipeline import logs, storage
+from pipeline.context import StageContext, result_uri
 from pipeline.ray_env import init_ray
 from pipeline.registry import get_stage
 from pipeline.tracking import stage_run
@@ -17,11 +18,16 @@ log = logging.getLogger(__name__)
 
 def execute(stage: str, cfg: DictConfig, overrides: list[str] | None = None, parent_run_id: str | None = None) -> dict:
     """Run ``stage`` with its composed config. ``overrides`` are the user's command-line overrides, kept so that
-    chained workflows can compose each sub-stage's config the way the user would have."""
+    chained workflows can compose each sub-stage's config the way the user would have.
+
+    The result is also written to ``<root>/results/<stage>.json`` (atomically), for scripts and for a look later.
+    """
     spec = get_stage(stage)
+    spec.check_config(cfg)
     if spec.needs_ray:
-        init_ray(cfg.ray)
+        init_ray(cfg.ray, long_stage=spec.long_running)
     started = time.time()
+    logs.set_progress_label(stage)
     with stage_run(cfg, stage, parent_run_id) as tracker:
         ctx = StageContext(
             root=str(cfg.paths.root),
@@ -40,4 +46,5 @@ def execute(stage: str, cfg: DictConfig, overrides: list[str] | None = None, par
             tracker.log_metrics({"stage_seconds": result["seconds"]})
             tracker.log_dict(result, "summary.json")
             result["mlflow_run_id"] = tracker.run_id
+    storage.write_json_atomic(result_uri(ctx.root, stage), result)
     return result

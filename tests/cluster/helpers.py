@@ -184,7 +184,8 @@ def parse_summary(text: str) -> dict | None:
 
 
 def stage_command(stage: str, overrides: list[str]) -> list[str]:
-    return [PYTHON, RUN_PY, f"stage={stage}", *overrides]
+    # --json: the full result on stdout (parse_summary reads it); no dashboard process beside the tests.
+    return [PYTHON, RUN_PY, f"stage={stage}", "ray.include_dashboard=false", *overrides, "--json"]
 
 
 def start_stage(stage: str, overrides: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
