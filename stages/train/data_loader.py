@@ -3,6 +3,7 @@
 Plan (pure, deterministic from ``(loader.seed, start_step)``):
 - the stage's samples (manifest after ``loader.filter`` / ``loader.top_k_by``) get a stage bucket (fixed
   ``resolution``² or the nearest-aspect bucket of the stage's table); small buckets are merged (bucket_schedule.py);
+  with ``loader.weight_by`` a sample counts (and is streamed) as many times as its weight (sample_weights.py);
 - each bucket's samples are permuted once by the seed and dealt round-robin to ranks (disjoint shares); each rank
   walks its share in a fresh seeded permutation every epoch, so position ``c`` of a bucket's stream is known without
   replaying the stream;
@@ -32,6 +33,7 @@ from stages.train.bucket_schedule import BucketSchedule, build_schedule
 from stages.train.data_manifest import (aesthetic_scores, dataset_dir_from_cfg, latent_cache_dir, select_samples,
                                         stage_buckets)
 from stages.train.data_shards import LatentCacheReader, TarShardReader, sample_member
+from stages.train.sample_weights import sample_repeats
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,10 @@ def build_plan(cfg, rank: int, world_size: int, micro_batch_size: int) -> Loader
     else:
         buckets = stage_buckets(samples, int(lc.resolution), int(lc.bucket_multiple), bool(lc.multi_aspect),
                                 bool(lc.require_table_match))
+    repeats = sample_repeats(samples, lc.get("weight_by"))  # 1 per sample unless loader.weight_by is set
     counts: dict[tuple[int, int], int] = {}
-    for b in buckets:
-        counts[b] = counts.get(b, 0) + 1
+    for b, n in zip(buckets, repeats):
+        counts[b] = counts.get(b, 0) + int(n)
     seed = int(lc.seed)
     schedule = build_schedule(counts, micro_batch_size * world_size, seed)
     moved = sorted(f"{s[0]}x{s[1]}" for s, d in schedule.mapping.items() if s != d)
@@ -93,8 +96,8 @@ def build_plan(cfg, rank: int, world_size: int, micro_batch_size: int) -> Loader
                          f"{micro_batch_size * world_size}, or train with loader.cached=false")
     index_of = {b: i for i, b in enumerate(schedule.buckets)}
     members: list[list[int]] = [[] for _ in schedule.buckets]
-    for row, b in enumerate(buckets):
-        members[index_of[schedule.mapping[b]]].append(row)
+    for row, (b, n) in enumerate(zip(buckets, repeats)):
+        members[index_of[schedule.mapping[b]]].extend([row] * int(n))
     shares = []
     for j, rows in enumerate(members):
         dealt = np.random.default_rng([seed, _SHARE_STREAM, j]).permutation(np.asarray(rows, dtype=np.int64))

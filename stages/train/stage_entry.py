@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from pipeline import storage
 from stages.train.data_manifest import dataset_dir_from_cfg, latent_cache_dir, select_samples, stage_buckets
+from stages.train.sample_weights import sample_repeats
 from stages.train.tasks import TASK_KINDS, resolve_init_from, task_option
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def validate_inputs(cfg) -> dict:
     dataset_dir = dataset_dir_from_cfg(cfg)
     samples = select_samples(cfg, dataset_dir)  # names a missing / empty manifest, a bad filter
     lc = cfg.loader
+    sample_repeats(samples, lc.get("weight_by"))  # names a bad loader.weight_by (e.g. an unscored column)
     buckets = stage_buckets(samples, int(lc.resolution), int(lc.bucket_multiple), bool(lc.multi_aspect),
                             bool(lc.require_table_match))  # names a manifest made for another resolution
     if bool(lc.get("cached", False)):

@@ -86,6 +86,13 @@ def test_filter_that_keeps_nothing(root):
         validate_inputs(stage_cfg("train_refiner", root, overrides=["loader.filter='aesthetic_score > 100'"]))
 
 
+def test_refiner_weighting_on_an_unscored_manifest_is_refused_before_training(tmp_path):
+    write_dataset(str(tmp_path / "data" / "default"), {(64, 64): 4}, scores=False)
+    with pytest.raises(ValueError, match=r"loader.weight_by column 'aesthetic_score' has no values"):
+        validate_inputs(stage_cfg("train_refiner", str(tmp_path)))
+    assert validate_inputs(stage_cfg("train_refiner", str(tmp_path), overrides=["loader.weight_by=null"]))["samples"] == 4
+
+
 @pytest.mark.parametrize("preset,expected", [
     ("tiny", {"pretrain256": 64, "pretrain512": 96, "finetune_aspect": 128, "finetune_quality": 128,
               "train_refiner": 128, "train_vae": 64, "cache_latents": 64}),
