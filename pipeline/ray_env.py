@@ -94,8 +94,8 @@ def _connect(ray, ray_cfg, long_stage: bool) -> RaySession:
     except Exception as exc:  # noqa: BLE001 - any dashboard failure: run without it, as the docstring says
         if not dashboard:
             raise
-        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        log.warning("the Ray dashboard could not start (%s); running without it", reason)
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__).rstrip(":")
+        log.warning("Ray could not start with its dashboard (%s); starting it without the dashboard", reason)
         if ray.is_initialized():
             ray.shutdown()
         context = _start_embedded(ray, ray_cfg, False)

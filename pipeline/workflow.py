@@ -45,7 +45,9 @@ def _is_done(marker_uri: str, digest: str, expected: list[str]) -> bool:
 
 
 def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]) -> DictConfig:
-    kept = [o for o in user_overrides if not o.split("=", 1)[0].lstrip("+~") in ("stage",)]
+    # `workflow.*` configures the chain itself (e.g. `workflow.chain=[...]` on the command line); its stages lack it.
+    kept = [o for o in user_overrides
+            if not o.split("=", 1)[0].lstrip("+~") in ("stage",) and not o.lstrip("+~").startswith("workflow.")]
     return compose(config_name="config", overrides=[*kept, *extra, f"stage={stage}"])
 
 

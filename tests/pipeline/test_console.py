@@ -167,7 +167,7 @@ def test_dashboard_starts_for_long_stages_and_falls_back_in_one_line(caplog):
     assert session == ray_env.RaySession("embedded", None)
     assert [call["include_dashboard"] for call in broken.calls] == [True, False]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["the Ray dashboard could not start (Cannot include dashboard with missing packages.); "
-                        "running without it"]
+    assert warnings == ["Ray could not start with its dashboard (Cannot include dashboard with missing packages.); "
+                        "starting it without the dashboard"]
     with pytest.raises(ValueError, match="auto, true or false"):
         ray_env.want_dashboard("sometimes", True)
