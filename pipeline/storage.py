@@ -7,17 +7,21 @@ existing file as complete.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import posixpath
-from typing import Any
+import tempfile
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from sdxl.checkpoint import write_bytes_atomic_local
+# No torch here (nor anything that imports it): every data-stage process imports this module, and torch costs
+# seconds and ~0.7 GB per process.
+from sdxl.atomic_files import open_atomic_local
 
 _REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 
@@ -62,6 +66,11 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
 
     Temporary files of unfinished atomic writes (``.tmp-`` prefix) are never listed.
     """
+    return sorted(uri for uri, _ in list_sizes(uri, suffix, recursive))
+
+
+def list_sizes(uri: str, suffix: str = "", recursive: bool = False) -> list[tuple[str, int]]:
+    """(URI, size in bytes) of the files :func:`list_files` lists, from the same single listing."""
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
@@ -73,7 +82,7 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
         if info.type != pafs.FileType.File or name.startswith(".tmp-") or not name.endswith(suffix):
             continue
         rel = posixpath.relpath(info.path, path.rstrip("/")) if recursive else name
-        out.append(join(base, *rel.split("/")))
+        out.append((join(base, *rel.split("/")), int(info.size or 0)))
     return sorted(out)
 
 
@@ -83,16 +92,58 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+@contextlib.contextmanager
+def open_atomic(uri: str) -> Iterator[BinaryIO]:
+    """A binary stream whose content appears at ``uri`` only once the block exits without an error.
+
+    Local: a temp file beside the target (``.tmp-`` prefix, never listed), fsync, then rename. Object stores: a local
+    spool file, uploaded when the block ends (a store makes an upload visible only when it completes, and an error
+    inside the block uploads nothing); no parent "folders" are made (they would only add marker objects and requests).
+    """
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with tempfile.TemporaryFile() as spool:
+            yield spool
+            spool.seek(0)
+            with fs.open_output_stream(path) as out:
+                while chunk := spool.read(1 << 24):
+                    out.write(chunk)
+        return
+    with open_atomic_local(path) as stream:
+        yield stream
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        # Temp file beside the target, fsync, rename: the model core's writer (it cannot import this module).
-        write_bytes_atomic_local(path, data)
-    else:
-        # An object store makes a PUT visible only when it completes, and needs no parent "folders" (creating them
-        # would only add marker objects and requests).
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        with open_atomic(uri) as stream:
+            stream.write(data)
+    else:  # the bytes are all here: one upload, visible only once complete
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of a file from ``offset`` (one ranged read on object stores)."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        return f.read_at(size, offset)
+
+
+def list_entries(uri: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """One folder level: ([(file name, size)], [sub-folder names]), each sorted; temp files are left out. A listing
+    per folder keeps memory to one folder's entries, however large the tree."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return [], []
+    files, folders = [], []
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+        name = posixpath.basename(info.path.rstrip("/"))
+        if info.type == pafs.FileType.Directory:
+            folders.append(name)
+        elif info.type == pafs.FileType.File and not name.startswith(".tmp-"):
+            files.append((name, int(info.size or 0)))
+    return sorted(files), sorted(folders)
 
 
 def read_json(uri: str) -> Any:

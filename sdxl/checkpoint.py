@@ -8,7 +8,6 @@ to a local folder and the stages copy it with ``pipeline.storage``.)
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 
 import torch
@@ -16,25 +15,10 @@ from safetensors.torch import load_file as _safetensors_load_file
 from safetensors.torch import save as _safetensors_save
 from torch import nn
 
+from sdxl.atomic_files import write_bytes_atomic_local  # noqa: F401  (tokenizers and callers import it from here)
+
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _MAX_KEYS_IN_ERROR = 5
-
-
-def write_bytes_atomic_local(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename: readers never see a partial file."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _as_state_dict(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,209 +1,122 @@
-"""Stage `buckets`: aspect buckets, bucketed WebDataset shards, manifest, rejects, stats and plots.
+"""Stage `buckets`: the dataset's metadata from the finished streaming pass — manifest, rejects, shard index, stats.
 
-Each sample goes to the App. I bucket (scaled to `buckets.resolution`, sides multiples of `buckets.multiple`) nearest
-to its EXIF-corrected aspect ratio; `orig_h/orig_w` are kept for size conditioning. Images are only re-encoded when
-their longer side exceeds `buckets.max_side` (downscaled) or their format is not jpg/png/webp (stored as PNG).
+Buckets themselves are assigned per sample in the streaming pass (stages/data/process.py: the App. I table scaled to
+`buckets.resolution`, sides multiples of `buckets.multiple`, nearest aspect ratio; `orig_h/orig_w` kept for size
+conditioning) and each shard holds one bucket (stages/data/shards.py). What is left needs every sample at once and
+runs on metadata only (stages/data/finalize.py): dedup across units, publishing the manifest and rejects, the shard
+index, `stats.json` and the Fig. 2 heatmap, bucket histogram and reject-reason plots. `stage=data` ends with it;
+`stage=buckets` runs it again (after a metadata pass, or to redraw the plots) without touching a shard.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-from collections import Counter
 from typing import Any
 
-import pyarrow as pa
 from omegaconf import DictConfig
 
 from pipeline import storage
 from pipeline.context import StageContext
-from sdxl.buckets import bucket_name, bucket_table, nearest_bucket
-from stages.data import records, runner, shards, sources
+from stages.data import finalize, ingest, plan, records, summary
 
 log = logging.getLogger(__name__)
 STAGE = "buckets"
-DATA_STAGES = ("ingest", "filter", "caption", "buckets")
-SMALL_SIDE = 256
+MARKER = "_SUCCESS"
 
 
-# --------------------------------------------------------------------------------------------- pure core
-def reencode(data: bytes, fmt: str | None, max_side: int | None, jpeg_quality: int) -> tuple[bytes, str]:
-    """Upright RGB re-encoding, shrunk to ``max_side`` when given: JPEG stays JPEG, anything else becomes PNG."""
-    image = sources.decode_rgb(data, max_side)
-    out_format = "JPEG" if fmt in ("JPEG", "MPO") else "PNG"
-    buf = io.BytesIO()
-    image.save(buf, format=out_format, **({"quality": jpeg_quality} if out_format == "JPEG" else {}))
-    return buf.getvalue(), out_format
-
-
-def assign_table(table: pa.Table, resolution: int, multiple: int, max_side: int | None = None,
-                 jpeg_quality: int = 95) -> tuple[pa.Table, pa.Table]:
-    """(rows in the bucket schema, rejects) for one caption part."""
-    buckets = bucket_table(resolution, multiple)
-    rows, rejects = [], []
-    for row in table.to_pylist():
-        h, w = row["orig_h"], row["orig_w"]
-        if not h or not w:
-            rejects.append(records.reject_row(row["key"], STAGE, "missing_size", f"orig_h={h}, orig_w={w}"))
-            continue
-        row["bucket_h"], row["bucket_w"] = nearest_bucket(h, w, buckets)
-        too_big = max_side is not None and max(h, w) > max_side
-        if too_big or row["format"] not in shards.EXTENSIONS:
-            try:
-                row["image"], new_format = reencode(row["image"], row["format"], max_side if too_big else None,
-                                                    jpeg_quality)
-            except Exception as err:  # the filter decoded it, so this is rare: record it, do not crash
-                rejects.append(records.reject_row(row["key"], STAGE, "reencode_failed", f"{type(err).__name__}: {err}"))
-                continue
-            meta = records.load_meta(row["meta_json"])
-            meta["reencoded"] = {"from_format": row["format"], "to_format": new_format, "downscaled": too_big}
-            row["format"], row["meta_json"] = new_format, records.dump_meta(meta)
-        rows.append(row)
-    return records.table_from_rows(rows, records.BUCKET_SCHEMA), records.rejects_table(rejects)
-
-
-def small_share(orig_h: list[int], orig_w: list[int], threshold: int = SMALL_SIDE) -> float:
-    """Share of images whose shorter side is below ``threshold`` (the paper: 39% under 256 px)."""
-    if not orig_h:
-        return 0.0
-    return sum(1 for h, w in zip(orig_h, orig_w) if min(h, w) < threshold) / len(orig_h)
-
-
-def accounting(input_keys: list[str], kept_keys: list[str], rejected_keys: list[str]) -> dict[str, Any]:
-    """Every input key in exactly one of the manifest or the rejects."""
-    inputs, kept, rejected = Counter(input_keys), Counter(kept_keys), Counter(rejected_keys)
-    both = set(kept) & set(rejected)
-    repeated = [k for k, n in (kept + rejected).items() if n > 1]
-    lost = set(inputs) - set(kept) - set(rejected)
-    unknown = (set(kept) | set(rejected)) - set(inputs)
-    return {"inputs": len(input_keys), "manifest": len(kept_keys), "rejects": len(rejected_keys),
-            "ok": not (both or repeated or lost or unknown) and len(inputs) == len(input_keys),
-            "lost": sorted(lost)[:20], "repeated": sorted(repeated)[:20], "unknown": sorted(unknown)[:20]}
-
-
-# --------------------------------------------------------------------------------------------- Ray wrapper
-class BucketWorker(runner.ChunkWorker):
-    """Writes each part with one row group per bucket, so a shard writer reads only its bucket's rows."""
-
-    def run_chunk(self, chunk: dict[str, Any]) -> tuple[int, int]:
-        index = int(chunk["index"])
-        kept, rejects = assign_table(storage.read_parquet(chunk["input"]), **self.options)
-        storage.write_parquet_atomic(rejects, storage.join(self.stage_dir, records.rejects_name(index)))
-        records.write_grouped_parquet_atomic(kept, storage.join(self.stage_dir, records.part_name(index)),
-                                             ["bucket_h", "bucket_w"])
-        return kept.num_rows, rejects.num_rows
-
-
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("bucket_h", pa.int32()), ("bucket_w", pa.int32()),
-                          ("row_group", pa.int32()), ("part", pa.string())])
-
-
-def _index_table(stage_dir: str) -> pa.Table:
-    """(key, bucket, row group, part) of every kept sample, read from the parts without image bytes."""
-    tables = []
-    for uri in records.list_parts(stage_dir):
-        t = records.row_group_index(uri, ["key", "bucket_h", "bucket_w"])
-        if t.num_rows:
-            tables.append(records.conform(t.append_column("part", pa.array([uri] * t.num_rows, pa.string())),
-                                          INDEX_SCHEMA))
-    return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-
-
-def write_shards(dataset_dir: str, stage_dir: str, samples_per_shard: int,
-                 resources: runner.Resources) -> list[dict[str, Any]]:
-    shards_dir = runner.absolute(storage.join(dataset_dir, shards.SHARDS_DIR))
-    storage.makedirs(shards_dir)
-    plan = runner.load_or_make_plan(shards_dir, lambda: shards.plan_shards(_index_table(stage_dir),
-                                                                            samples_per_shard))
-    runner.run_chunks(shards_dir, plan, shards.ShardWorker, {}, resources)
-    storage.write_json_atomic(storage.join(shards_dir, records.SUCCESS_NAME),
-                              {"shards": len(plan), "samples": sum(len(c["members"]) for c in plan)})
-    return plan
-
-
-def _plot(ctx: StageContext, name: str, draw) -> Any:
-    """Draw into a local file, store it in the dataset folder and log it as an MLflow artifact."""
-    local = os.path.join(ctx.scratch_dir(), name)
-    result = draw(local)
-    with open(local, "rb") as f:
-        storage.write_bytes_atomic(storage.join(ctx.dataset_dir, name), f.read())
-    ctx.log_artifact(local, "data")
-    return result
-
-
-def finalize(ctx: StageContext, plan: list[dict[str, Any]]) -> dict[str, Any]:
-    """manifest.parquet, rejects.parquet, stats.json and the two plots."""
-    from stages.data import plots
-
-    stage_dir = runner.absolute(ctx.stage_dir(STAGE))
-    columns = [f.name for f in records.BUCKET_SCHEMA if f.name != "image"]
-    samples = records.read_tables(records.list_parts(stage_dir), records.BUCKET_SCHEMA, columns)
-    manifest = shards.manifest_table(samples, plan)
-    storage.write_parquet_atomic(manifest, storage.join(ctx.dataset_dir, "manifest.parquet"))
-
-    rejects = pa.concat_tables([records.read_rejects(runner.absolute(ctx.stage_dir(s))) for s in DATA_STAGES]).sort_by("key")
-    storage.write_parquet_atomic(rejects, storage.join(ctx.dataset_dir, "rejects.parquet"))
-
-    ingest_dir = runner.absolute(ctx.stage_dir("ingest"))
-    input_keys = (records.read_tables(records.list_parts(ingest_dir), records.INGEST_SCHEMA, ["key"])
-                  .column("key").to_pylist() + records.read_rejects(ingest_dir).column("key").to_pylist())
-    audit = accounting(input_keys, manifest.column("key").to_pylist(), rejects.column("key").to_pylist())
-
-    orig_h, orig_w = manifest.column("orig_h").to_pylist(), manifest.column("orig_w").to_pylist()
-    per_bucket = Counter(bucket_name((h, w)) for h, w in zip(manifest.column("bucket_h").to_pylist(),
-                                                              manifest.column("bucket_w").to_pylist()))
-    per_bucket_sorted = dict(sorted(per_bucket.items()))
-    size_summary = _plot(ctx, "size_heatmap.png",
-                         lambda p: plots.plot_size_heatmap(orig_h, orig_w, p, threshold=SMALL_SIDE))
-    _plot(ctx, "bucket_histogram.png", lambda p: plots.plot_bucket_histogram(per_bucket_sorted, p))
-    reasons = dict(sorted(Counter(rejects.column("reason").to_pylist()).items()))
-    _plot(ctx, "reject_reasons.png", lambda p: plots.plot_reject_reasons(reasons, p))
-
-    stats = {
-        "stages": {s: {k: v for k, v in runner.require_success(runner.absolute(ctx.stage_dir(s)), s).items()
-                       if k in ("kept", "rejected", "rejects_by_reason", "chunks")} for s in DATA_STAGES},
-        "samples_in": audit["inputs"], "samples_kept": manifest.num_rows, "samples_rejected": rejects.num_rows,
-        "rejects_by_reason": reasons,
-        "rejects_by_stage": dict(sorted(Counter(rejects.column("stage").to_pylist()).items())),
-        "buckets": per_bucket_sorted,
-        "shards": dict(sorted(Counter(c["bucket"] for c in plan).items())),
-        "num_shards": len(plan),
-        f"share_smaller_than_{SMALL_SIDE}": small_share(orig_h, orig_w),
-        "size_summary": size_summary,
-        "accounting": audit,
+def build_stats(info: dict[str, Any], total: dict[str, Any], shard_totals: dict[str, Any],
+                shares: dict[str, Any]) -> dict[str, Any]:
+    kept, rejected = total.get("kept", 0), total.get("rejected", 0)
+    inputs = int(info["planned_inputs"]) if info.get("counts_known") else kept + rejected
+    faults = list(total.get("faults", []))
+    if kept + rejected != inputs:
+        faults.append(f"{kept} kept + {rejected} rejected != {inputs} inputs")
+    return {
+        "stages": summary.funnel(inputs, total.get("by_stage", {})),
+        "samples_in": inputs, "samples_kept": kept, "samples_rejected": rejected,
+        "rejects_by_reason": dict(sorted(total.get("by_reason", {}).items())),
+        "rejects_by_stage": dict(sorted(total.get("by_stage", {}).items())),
+        "buckets": dict(sorted(total.get("buckets", {}).items())),
+        "shards": dict(sorted(shard_totals.get("per_bucket_shards", {}).items())),
+        "num_shards": shard_totals.get("shards", 0),
+        "shard_bytes": shard_totals.get("bytes", 0),
+        "unreferenced_shard_bytes": shard_totals.get("unreferenced_bytes", 0),
+        f"share_smaller_than_{summary.SMALL_SIDE}": shares["share_either_below"],
+        "size_summary": shares,
+        "units": info.get("units"), "units_by_node": total.get("nodes", {}),
+        "source": info.get("source"), "source_kind": info.get("source_kind"),
+        "ignored_files": info.get("ignored_files", 0),
+        "accounting": {"inputs": inputs, "manifest": kept, "rejects": rejected, "ok": not faults,
+                       "faults": faults[:summary.MAX_EXAMPLES]},
     }
-    storage.write_json_atomic(storage.join(ctx.dataset_dir, "stats.json"), stats)
-    if not audit["ok"]:
-        raise RuntimeError(f"data accounting broken (every input must be in manifest or rejects once): {audit}")
+
+
+def finalize_dataset(cfg: DictConfig, ctx: StageContext, force: bool = False) -> dict[str, Any]:
+    """Steps 1-4 of stages/data/finalize.py (skipped when done for the same work, unless ``force``); the stats."""
+    from stages.data import layers
+
+    dataset_dir = ingest.absolute(ctx.dataset_dir)
+    info = plan.load_info(storage.join(dataset_dir, plan.PLAN_DIR))
+    if info is None:
+        raise FileNotFoundError(f"{dataset_dir} has no finished plan: run stage=data first")
+    marker_uri = storage.join(dataset_dir, MARKER)
+    state = {"units": info["units"], "layers": layers.layer_names(dataset_dir)}
+    stats_uri = storage.join(dataset_dir, "stats.json")
+    if not force and storage.exists(marker_uri) and storage.read_json(marker_uri) == state \
+            and storage.exists(stats_uri):
+        return storage.read_json(stats_uri)
+    total, shard_totals = finalize.publish(dataset_dir, int(info.get("chunk_size") or 1))
+    if state["layers"]:  # the current manifest: the base with the metadata layers applied
+        current = layers.current_summary(dataset_dir)
+        current.update(faults=total.get("faults", []), nodes=total.get("nodes", {}))
+        total = current
+    shares = summary.write_plots(dataset_dir, total, ctx.scratch_dir(), ctx.log_artifact)
+    stats = build_stats(info, total, shard_totals, shares)
+    storage.write_json_atomic(stats_uri, stats)
+    _log(ctx, stats)
+    if not stats["accounting"]["ok"]:
+        raise RuntimeError(f"data accounting broken (every input must be in manifest or rejects once): "
+                           f"{stats['accounting']}")
+    storage.write_json_atomic(marker_uri, state)
     return stats
 
 
-def run(cfg: DictConfig, ctx: StageContext) -> dict:
-    bcfg = cfg.buckets
-    caption_dir, stage_dir = runner.absolute(ctx.stage_dir("caption")), runner.absolute(ctx.stage_dir(STAGE))
-    runner.require_success(caption_dir, "caption")
-    resolution, multiple = int(bcfg.resolution), int(bcfg.multiple)
-    bucket_table(resolution, multiple)  # a bad resolution/multiple fails here, named
-    max_side = bcfg.get("max_side")
-    if max_side is not None and int(max_side) < 1:
-        raise ValueError(f"buckets.max_side must be null or >= 1, got {max_side}")
-    options = {"resolution": resolution, "multiple": multiple,
-               "max_side": int(max_side) if max_side is not None else None,
-               "jpeg_quality": int(bcfg.get("jpeg_quality", 95))}
-    resources = runner.Resources.from_config(bcfg)
-    counts = runner.run_stage(STAGE, stage_dir, runner.previous_parts_plan(caption_dir), BucketWorker, options,
-                              resources, {"resolution": resolution, "multiple": multiple})
-    plan = write_shards(runner.absolute(ctx.dataset_dir), stage_dir, int(bcfg.samples_per_shard), resources)
-    stats = finalize(ctx, plan)
+def refresh_stats(ctx: StageContext) -> dict[str, Any]:
+    """stats.json and the plots of the current manifest (after a metadata pass), on metadata only."""
+    from stages.data import layers
+
+    dataset_dir = ingest.absolute(ctx.dataset_dir)
+    info = plan.load_info(storage.join(dataset_dir, plan.PLAN_DIR))
+    stats_uri = storage.join(dataset_dir, "stats.json")
+    previous = storage.read_json(stats_uri)
+    shard_totals = {"shards": previous["num_shards"], "bytes": previous["shard_bytes"],
+                    "unreferenced_bytes": previous["unreferenced_shard_bytes"],
+                    "per_bucket_shards": previous["shards"]}
+    total = layers.current_summary(dataset_dir)
+    total["nodes"] = previous.get("units_by_node", {})
+    shares = summary.write_plots(dataset_dir, total, ctx.scratch_dir(), ctx.log_artifact)
+    stats = build_stats(info, total, shard_totals, shares)
+    storage.write_json_atomic(stats_uri, stats)
+    _log(ctx, stats)
+    storage.write_json_atomic(storage.join(dataset_dir, MARKER),
+                              {"units": info["units"], "layers": layers.layer_names(dataset_dir)})
+    return stats
+
+
+def _log(ctx: StageContext, stats: dict[str, Any]) -> None:
     metrics = {"data/samples_in": stats["samples_in"], "data/samples_kept": stats["samples_kept"],
                "data/samples_rejected": stats["samples_rejected"], "data/num_shards": stats["num_shards"],
-               f"data/share_smaller_than_{SMALL_SIDE}": stats[f"share_smaller_than_{SMALL_SIDE}"]}
+               f"data/share_smaller_than_{summary.SMALL_SIDE}": stats[f"share_smaller_than_{summary.SMALL_SIDE}"]}
     metrics.update({f"data/rejects/{r}": n for r, n in stats["rejects_by_reason"].items()})
     metrics.update({f"data/bucket/{b}": n for b, n in stats["buckets"].items()})
     ctx.log_metrics(metrics)
     ctx.log_dict(stats, "data/stats.json")
     log.info("buckets: %d kept in %d shards, %d rejected", stats["samples_kept"], stats["num_shards"],
              stats["samples_rejected"])
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> dict:
+    stats = finalize_dataset(cfg, ctx, force=True)
     return {"kept": stats["samples_kept"], "rejected": stats["samples_rejected"], "num_shards": stats["num_shards"],
-            "buckets": stats["buckets"], "dataset_dir": ctx.dataset_dir, "stage_counts": counts}
+            "buckets": stats["buckets"], "dataset_dir": ctx.dataset_dir,
+            "manifest": storage.join(ctx.dataset_dir, records.MANIFEST_NAME)}

@@ -1,8 +1,12 @@
-"""Stage `caption`: keep the source caption and add `caption_synthetic` from a captioning model.
+"""Synthetic captions: keep the source caption and add `caption_synthetic` from a captioning model.
 
-With `caption.synthetic=false` the column is empty and no model is loaded. Otherwise each Ray Data actor loads the
-`Captioner` (from the `captioner` config section) once; `caption.num_gpus` puts the actors on GPUs. A sample whose
-image the captioner fails on is rejected with reason `caption_failed` (the detail holds the error).
+In the streaming pass (`stage=data` with `caption.synthetic=true`) a pool of Ray Data actors loads the `Captioner`
+(from the `captioner` section) once each, on GPUs with `caption.num_gpus`. With `caption.synthetic=false` the column is
+"" and no model loads. A sample whose image the captioner fails on is rejected (`caption_failed`, with the error).
+
+`stage=caption` on a finished dataset is a metadata pass: it captions the kept samples again (a new captioner),
+reading their bytes from the shards, and adds `caption_synthetic` as a layer keyed by sample key; no shard is
+rewritten (stages/data/layers.py).
 """
 
 from __future__ import annotations
@@ -13,81 +17,52 @@ from typing import Any, Callable
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import storage
 from pipeline.context import StageContext
-from stages.data import records, runner, sources
+from stages.data import model_stage
 
 log = logging.getLogger(__name__)
 STAGE = "caption"
 
 
-# --------------------------------------------------------------------------------------------- pure core
-def caption_table(table: pa.Table, caption_fn: Callable[[list], list[str]] | None, batch_size: int = 8,
-                  max_side: int = 512) -> tuple[pa.Table, pa.Table]:
-    """(rows in the caption schema, rejects). ``caption_fn`` maps RGB PIL images to captions; None leaves
-    `caption_synthetic` empty."""
-    rows = table.to_pylist()
-    rejects: list[dict[str, str]] = []
-    if caption_fn is None:
-        for row in rows:
-            row["caption_synthetic"] = ""
-        return records.table_from_rows(rows, records.CAPTION_SCHEMA), records.rejects_table(rejects)
-    kept = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        images = [sources.decode_rgb(row["image"], max_side) for row in batch]
-        try:
-            captions = list(caption_fn(images))
-            if len(captions) != len(batch):
-                raise ValueError(f"captioner returned {len(captions)} captions for {len(batch)} images")
-        except Exception:  # retry one by one, so one bad image does not cost its neighbours their captions
-            captions = []
-            for row, image in zip(batch, images):
-                try:
-                    captions.append(str(caption_fn([image])[0]))
-                except Exception as err:
-                    captions.append(None)
-                    rejects.append(records.reject_row(row["key"], STAGE, "caption_failed",
-                                                      f"{type(err).__name__}: {err}"))
-        for row, text in zip(batch, captions):
-            if text is not None:
-                row["caption_synthetic"] = str(text).strip()
-                kept.append(row)
-    return records.table_from_rows(kept, records.CAPTION_SCHEMA), records.rejects_table(rejects)
+def caption_table(table: pa.Table, caption_fn: Callable[[list], list[str]], batch_size: int = 8,
+                  max_side: int = 512) -> pa.Table:
+    """`caption_synthetic` on every live row of a sample table; ``caption_fn`` maps RGB images to captions."""
+
+    def update(row: dict, text: Any) -> None:
+        row["caption_synthetic"] = str(text).strip()
+
+    return model_stage.apply(table, lambda imgs, _rows: caption_fn(imgs), batch_size, max_side, update, STAGE,
+                             "caption_failed")
 
 
-# --------------------------------------------------------------------------------------------- Ray wrapper
-class CaptionWorker(runner.ChunkWorker):
-    def __init__(self, stage_dir: str, synthetic: bool, batch_size: int, max_side: int, captioner: dict | None):
-        super().__init__(stage_dir)
+def captioning_enabled(cfg: DictConfig) -> bool:
+    return bool(cfg.caption.get("synthetic", False))
+
+
+class CaptionActor:
+    """Ray Data actor: loads the captioner once, captions each block."""
+
+    def __init__(self, captioner: dict, batch_size: int, max_side: int):
+        from stages.data.captioners import Captioner
+
+        self.captioner = Captioner.from_config(OmegaConf.create(captioner))
         self.batch_size, self.max_side = batch_size, max_side
-        self.caption_fn = None
-        if synthetic:
-            if captioner is None:
-                raise ValueError("caption.synthetic=true needs a `captioner` config section")
-            from stages.data.captioners import Captioner
 
-            self.caption_fn = Captioner.from_config(OmegaConf.create(captioner)).caption
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return caption_table(table, self.captioner.caption, self.batch_size, self.max_side)
 
-    def process(self, chunk: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
-        return caption_table(storage.read_parquet(chunk["input"]), self.caption_fn, self.batch_size, self.max_side)
+
+def actor_args(cfg: DictConfig) -> dict[str, Any]:
+    ccfg = cfg.caption
+    return {"captioner": OmegaConf.to_container(cfg.captioner, resolve=True),
+            "batch_size": int(ccfg.get("batch_size", 8)), "max_side": int(ccfg.get("max_side", 512))}
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> dict:
-    ccfg = cfg.caption
-    filter_dir, stage_dir = runner.absolute(ctx.stage_dir("filter")), runner.absolute(ctx.stage_dir(STAGE))
-    runner.require_success(filter_dir, "filter")
-    synthetic = bool(ccfg.get("synthetic", False))
-    captioner = cfg.get("captioner")
-    if synthetic and captioner is None:
-        raise ValueError("caption.synthetic=true needs a `captioner` config section")
-    batch_size = int(ccfg.get("batch_size", 8))
-    if batch_size < 1:
-        raise ValueError(f"caption.batch_size must be >= 1, got {batch_size}")
-    options = {"synthetic": synthetic, "batch_size": batch_size, "max_side": int(ccfg.get("max_side", 512)),
-               "captioner": OmegaConf.to_container(captioner, resolve=True) if synthetic else None}
-    counts = runner.run_stage(STAGE, stage_dir, runner.previous_parts_plan(filter_dir), CaptionWorker, options,
-                              runner.Resources.from_config(ccfg), {"synthetic": synthetic})
-    ctx.log_metrics({f"{STAGE}/kept": counts["kept"], f"{STAGE}/rejected": counts["rejected"]})
-    log.info("caption: %s", counts)
-    return counts
+    from stages.data import layers
+
+    if not captioning_enabled(cfg):
+        raise ValueError("stage=caption on an existing dataset re-captions it: set caption.synthetic=true and the "
+                         "captioner (captioner.*)")
+    return layers.run_layer(cfg, ctx, STAGE, CaptionActor, actor_args(cfg), ["caption_synthetic"])
+

@@ -19,6 +19,7 @@ import torch
 from stages.data.scorers import build_open_clip, resolve_device
 
 KINDS = ("coca", "blip")
+MIN_NEW_TOKENS = 1
 
 
 def _clean(text: str) -> str:
@@ -48,10 +49,13 @@ class CocaBackend:
         image_latent, image_embs = self.model._encode_image(pixels)
         tokens = torch.full((len(images), 1), self.sot_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(len(images), dtype=torch.bool, device=self.device)
-        for _ in range(self.max_new_tokens):
+        for step in range(self.max_new_tokens):
             window = tokens[:, -(self.context_length - 1):]  # the text tower's positions (one is its CLS token)
             logits = self.model(pixels, window, image_latent=image_latent, image_embs=image_embs,
-                                output_labels=False)["logits"][:, -1]
+                                output_labels=False)["logits"][:, -1].clone()
+            logits[:, self.sot_id] = float("-inf")  # a caption never restarts
+            if step < MIN_NEW_TOKENS:  # no empty caption: at least one word before the end token
+                logits[:, self.eot_id] = float("-inf")
             next_token = torch.where(finished, torch.full_like(finished, self.eot_id, dtype=torch.long),
                                      logits.argmax(dim=-1))
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
@@ -95,7 +99,7 @@ class BlipBackend:
     def generate(self, images: list) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
         ids = self.model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=self.max_new_tokens,
-                                  do_sample=False, num_beams=1)
+                                  min_new_tokens=MIN_NEW_TOKENS, do_sample=False, num_beams=1)
         return [_clean(text) for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
 

@@ -54,14 +54,44 @@ def plot_size_heatmap(orig_h: Sequence[int], orig_w: Sequence[int], out_path: st
     this dataset.
     """
     shares = size_shares(orig_h, orig_w, threshold)
+    h = np.asarray(orig_h, dtype=np.float64)
+    w = np.asarray(orig_w, dtype=np.float64)
+    top = max(float(h.max()) if h.size else 0.0, float(w.max()) if w.size else 0.0, threshold * 1.25)
+    bins = np.linspace(0.0, top, 61)
+    counts = np.histogram2d(w, h, bins=[bins, bins])[0] if h.size else np.zeros((60, 60))
+    _draw_size_heatmap(counts, bins, shares, out_path, threshold)
+    return shares
+
+
+def plot_size_heatmap_binned(counts: np.ndarray, bin_px: int, shares: dict, out_path: str,
+                             threshold: int = 256) -> dict:
+    """The same figure from a pre-binned (width bins × height bins, ``bin_px`` each) count matrix: what the data
+    stages accumulate part by part, so no list of every image's size is ever held."""
+    counts = np.asarray(counts, dtype=np.float64)
+    used = np.argwhere(counts > 0)
+    top_bin = int(used.max()) + 1 if used.size else 0
+    top = max(top_bin * bin_px, threshold * 1.25)
+    n_bins = int(np.ceil(top / bin_px))
+    padded = np.zeros((n_bins, n_bins))
+    padded[:min(n_bins, counts.shape[0]), :min(n_bins, counts.shape[1])] = counts[:n_bins, :n_bins]
+    group = max(1, int(np.ceil(n_bins / 60)))  # about 60 bins a side, as plot_size_heatmap draws
+    n = int(np.ceil(n_bins / group))
+    grouped = np.zeros((n * group, n * group))
+    grouped[:n_bins, :n_bins] = padded
+    grouped = grouped.reshape(n, group, n, group).sum(axis=(1, 3))
+    _draw_size_heatmap(grouped, np.arange(n + 1, dtype=np.float64) * group * bin_px, shares, out_path, threshold)
+    return shares
+
+
+def _draw_size_heatmap(counts: np.ndarray, bins: np.ndarray, shares: dict, out_path: str, threshold: int) -> None:
+    """``counts[i, j]``: images with width in bin i and height in bin j of ``bins`` (edges, px)."""
     fig = _new_figure(6.4, 5.6)
     ax = fig.add_subplot(1, 1, 1)
+    top = float(bins[-1])
     if shares["n"]:
-        h = np.asarray(orig_h, dtype=np.float64)
-        w = np.asarray(orig_w, dtype=np.float64)
-        top = max(float(h.max()), float(w.max()), threshold * 1.25)
-        bins = np.linspace(0.0, top, 61)
-        _, _, _, mesh = ax.hist2d(w, h, bins=[bins, bins], norm=LogNorm(), cmap="viridis", cmin=1)
+        masked = np.ma.masked_less(counts.T, 1)
+        mesh = ax.pcolormesh(bins, bins, masked, norm=LogNorm(vmin=1, vmax=max(1.0, float(counts.max()))),
+                             cmap="viridis")
         fig.colorbar(mesh, ax=ax, label="images per bin (log scale)")
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)
@@ -78,7 +108,6 @@ def plot_size_heatmap(orig_h: Sequence[int], orig_w: Sequence[int], out_path: st
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=8, frameon=False)
     ax.set_aspect("equal", adjustable="box")
     _save(fig, out_path)
-    return shares
 
 
 def _check_counts(counts: Mapping[str, int], name: str) -> dict[str, int]:

@@ -1,7 +1,11 @@
-"""Column schemas of the data stages and the I/O of their parts, rejects and manifests.
+"""Column schemas of the data stages and the I/O of their parquet parts.
 
-A stage folder `<dataset>/<stage>/` holds `part-NNNNN.parquet` (kept samples) and `rejects-NNNNN.parquet` (rejected
-samples) per input chunk, plus `_SUCCESS` once every chunk is done (see docs/architecture.md, "Data contracts").
+Three kinds of table (docs/architecture.md, "Data contracts"):
+- *samples* flow through the streaming pass: one row per input sample, image bytes included while the sample is kept,
+  a reject reason once it is not (``SAMPLE_SCHEMA``);
+- the *manifest* has one row per kept sample, no bytes, with where its members sit in which shard
+  (``MANIFEST_SCHEMA``); ``<dataset>/manifest.parquet`` is a parquet dataset folder of such parts;
+- *rejects* (``REJECT_SCHEMA``): key, stage, reason, detail; ``<dataset>/rejects.parquet`` likewise.
 """
 
 from __future__ import annotations
@@ -17,24 +21,44 @@ from pipeline import storage
 
 SCORE_COLUMNS = ("clip_score", "aesthetic_score", "watermark_prob", "nsfw_prob")
 
-INGEST_FIELDS = [
-    pa.field("key", pa.string(), nullable=False),
-    pa.field("image", pa.binary()),
+_METADATA_FIELDS = [
     pa.field("caption", pa.string()),
+    pa.field("caption_synthetic", pa.string()),
     pa.field("source", pa.string()),
     pa.field("orig_h", pa.int32()),
     pa.field("orig_w", pa.int32()),
     pa.field("format", pa.string()),
     pa.field("meta_json", pa.string()),
+    pa.field("sha256", pa.string()),
+    *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
+    pa.field("bucket_h", pa.int32()),
+    pa.field("bucket_w", pa.int32()),
 ]
-FILTER_FIELDS = [pa.field("sha256", pa.string())] + [pa.field(name, pa.float32()) for name in SCORE_COLUMNS]
-CAPTION_FIELDS = [pa.field("caption_synthetic", pa.string())]
-BUCKET_FIELDS = [pa.field("bucket_h", pa.int32()), pa.field("bucket_w", pa.int32())]
 
-INGEST_SCHEMA = pa.schema(INGEST_FIELDS)
-FILTER_SCHEMA = pa.schema(INGEST_FIELDS + FILTER_FIELDS)
-CAPTION_SCHEMA = pa.schema(INGEST_FIELDS + FILTER_FIELDS + CAPTION_FIELDS)
-BUCKET_SCHEMA = pa.schema(INGEST_FIELDS + FILTER_FIELDS + CAPTION_FIELDS + BUCKET_FIELDS)
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("unit", pa.int64()),
+    pa.field("unit_size", pa.int32()),  # inputs of the unit: the writer knows from it when a unit is complete
+    pa.field("node", pa.string()),      # the Ray node that read the unit
+    pa.field("image", pa.binary()),     # null once the sample is rejected
+    *_METADATA_FIELDS,
+    pa.field("reject_stage", pa.string()),
+    pa.field("reject_reason", pa.string()),
+    pa.field("reject_detail", pa.string()),
+])
+
+LOCATION_FIELDS = [
+    pa.field("shard", pa.string()),           # relative to the dataset folder: shards/<H>x<W>/<name>.tar
+    pa.field("member_key", pa.string()),      # the sample's member stem inside the tar (WebDataset __key__)
+    pa.field("image_offset", pa.int64()),     # byte offset of the image member's data in the tar
+    pa.field("image_size", pa.int64()),
+    pa.field("sample_offset", pa.int64()),    # first byte of the sample's first tar header
+    pa.field("sample_size", pa.int64()),      # bytes of all its members, headers and padding included
+]
+
+MANIFEST_SCHEMA = pa.schema([pa.field("key", pa.string()), *LOCATION_FIELDS, *_METADATA_FIELDS])
+# What a shard writer records per unit: the manifest rows plus the unit, so dedup can name the part to change.
+WORK_SCHEMA = pa.schema([*MANIFEST_SCHEMA, pa.field("unit", pa.int64())])
 
 REJECT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
@@ -43,32 +67,13 @@ REJECT_SCHEMA = pa.schema([
     pa.field("detail", pa.string()),
 ])
 
-MANIFEST_SCHEMA = pa.schema([
-    pa.field("key", pa.string()),
-    pa.field("shard", pa.string()),
-    pa.field("member_key", pa.string()),
-    pa.field("bucket_h", pa.int32()),
-    pa.field("bucket_w", pa.int32()),
-    pa.field("orig_h", pa.int32()),
-    pa.field("orig_w", pa.int32()),
-    pa.field("caption", pa.string()),
-    pa.field("caption_synthetic", pa.string()),
-    pa.field("sha256", pa.string()),
-    *[pa.field(name, pa.float32()) for name in SCORE_COLUMNS],
-    pa.field("format", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("meta_json", pa.string()),
-])
-
 SUCCESS_NAME = "_SUCCESS"
+MANIFEST_NAME = "manifest.parquet"
+REJECTS_NAME = "rejects.parquet"
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def rejects_name(index: int) -> str:
-    return f"rejects-{index:05d}.parquet"
+def part_name(index: int, prefix: str = "part") -> str:
+    return f"{prefix}-{index:06d}.parquet"
 
 
 def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -110,14 +115,18 @@ def dump_meta(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def list_parts(stage_dir: str) -> list[str]:
-    return [uri for uri in storage.list_files(stage_dir, suffix=".parquet")
-            if uri.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].startswith("part-")]
+def _basename(uri: str) -> str:
+    return uri.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
 
 
-def list_reject_parts(stage_dir: str) -> list[str]:
-    return [uri for uri in storage.list_files(stage_dir, suffix=".parquet")
-            if uri.rsplit("/", 1)[-1].rsplit("\\", 1)[-1].startswith("rejects-")]
+def list_parts(folder: str, prefix: str = "part-") -> list[str]:
+    """The parquet files of a parts folder whose names start with ``prefix``, sorted."""
+    return [uri for uri in storage.list_files(folder, suffix=".parquet") if _basename(uri).startswith(prefix)]
+
+
+def part_index(uri: str) -> int:
+    """The number in ``<prefix>-NNNNNN.parquet``."""
+    return int(_basename(uri).rsplit("-", 1)[-1].split(".", 1)[0])
 
 
 def num_rows(uri: str) -> int:
@@ -126,49 +135,32 @@ def num_rows(uri: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def write_grouped_parquet_atomic(table: pa.Table, uri: str, group_columns: list[str]) -> None:
-    """Write ``table`` sorted by ``group_columns`` + key, one parquet row group per group, so a reader can fetch a
-    single group of a part without reading the others."""
-    table = table.sort_by([(c, "ascending") for c in group_columns] + [("key", "ascending")])
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, table.schema, compression="zstd") as writer:
-        if table.num_rows == 0:
-            writer.write_table(table)
-        start = 0
-        groups = list(zip(*(table.column(c).to_pylist() for c in group_columns)))
-        for end in range(1, len(groups) + 1):
-            if end == len(groups) or groups[end] != groups[start]:
-                writer.write_table(table.slice(start, end - start), row_group_size=end - start)
-                start = end
-    storage.write_bytes_atomic(uri, buf.getvalue())
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    return buf.getvalue()
 
 
-def read_row_groups(uri: str, row_groups: list[int], columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read_row_groups(row_groups, columns=columns)
-
-
-def row_group_index(uri: str, columns: list[str]) -> pa.Table:
-    """``columns`` of every row of a parquet file plus its `row_group` number (reads only those columns)."""
-    fs, path = storage.resolve(uri)
-    tables = []
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        for i in range(pf.num_row_groups):
-            t = pf.read_row_group(i, columns=columns)
-            tables.append(t.append_column("row_group", pa.array([i] * t.num_rows, pa.int32())))
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def read_tables(uris: list[str], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+def read_tables(uris: list[str], schema: pa.Schema, columns: list[str] | None = None,
+                filters: Any = None) -> pa.Table:
     """Concatenate parquet files (all with ``schema``); an empty table with the schema when there are none."""
     wanted = pa.schema([schema.field(name) for name in columns]) if columns else schema
-    tables = [conform(storage.read_parquet(uri, columns=columns), wanted) for uri in uris]
-    if not tables:
-        return wanted.empty_table()
-    return pa.concat_tables(tables)
+    tables = []
+    for uri in uris:
+        fs, path = storage.resolve(uri)
+        tables.append(conform(pq.read_table(path, filesystem=fs, columns=columns, filters=filters), wanted))
+    return pa.concat_tables(tables) if tables else wanted.empty_table()
 
 
-def read_rejects(stage_dir: str) -> pa.Table:
-    return read_tables(list_reject_parts(stage_dir), REJECT_SCHEMA)
+def read_dataset(uri: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """A parquet dataset folder of parts (or one file: tests and older datasets write those) as one table."""
+    if storage.is_file(uri):
+        return read_tables([uri], schema, columns)
+    return read_tables(list_parts(uri), schema, columns)
+
+
+def dataset_parts(uri: str) -> list[str]:
+    """The files of a parquet dataset: its parts when ``uri`` is a folder, else ``[uri]`` (or [] when missing)."""
+    if storage.is_file(uri):
+        return [uri]
+    return list_parts(uri)

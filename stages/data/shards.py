@@ -1,125 +1,211 @@
-"""WebDataset shards grouped by bucket: planning, tar writing and the manifest rows.
+"""WebDataset shards, one bucket per tar, written once: the tar format and the bucketed shard writer.
 
-Plan: the kept samples, grouped by bucket and sorted by key, are cut into shards of `buckets.samples_per_shard`;
-shard i of bucket HxW is `shards/HxW/HxW-0000i.tar`. The plan depends only on the keys and buckets, so a re-run
-produces the same shards, and a shard that exists is not written again. Tars are byte-deterministic (fixed mtime,
-owner and mode).
+A :class:`ShardWriter` keeps one open tar per bucket and appends each kept sample to its bucket's tar as it arrives
+(`<member>.<ext>` with the bytes as they are, then `<member>.json` with the metadata); a tar is closed when it holds
+`buckets.samples_per_shard` samples or `buckets.shard_target_mb`, or has been open `buckets.shard_max_open_s`. Tars
+are written atomically (stages/data/../pipeline/storage.py ``open_atomic``), so a shard that exists is complete.
+
+A unit is *done* when every one of its inputs arrived and each kept sample sits in a closed tar: then its work part
+(`work/part-<unit>.parquet`, the manifest rows with each sample's shard and byte offsets) is written, after its
+rejects. After a kill the units without a part are processed again; their samples that had reached closed tars are
+written anew, and those earlier copies stay in their tars unreferenced (the manifest and the shard index never list
+them; `stats.json` counts their bytes). Members are byte-deterministic (fixed mtime, owner, mode).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
-from collections import defaultdict
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import storage
-from stages.data import records, runner
 from sdxl.buckets import bucket_name
+from stages.data import records
+from stages.data.process import TAR_FORMATS
 
 SHARDS_DIR = "shards"
-EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+WORK_DIR = "work"
+BLOCK = 512
+END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 
 
-def member_keys(keys: list[str]) -> dict[str, str]:
-    """WebDataset-safe member names (`.` and `/` → `_`), made unique over the dataset in key order."""
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for key in sorted(keys):
-        base = key.replace("/", "_").replace(".", "_").replace("\\", "_")
-        name, n = base, 1
-        while name in used:
-            name, n = f"{base}_{n}", n + 1
-        used.add(name)
-        out[key] = name
-    return out
+def member_stem(key: str) -> str:
+    """The WebDataset-safe member stem of a key (`.`, `/` and `\\` become `_`)."""
+    return key.replace("/", "_").replace(".", "_").replace("\\", "_")
 
 
-def plan_shards(index: pa.Table, samples_per_shard: int) -> list[dict[str, Any]]:
-    """Shard chunks from a table of (key, bucket_h, bucket_w, part) over every kept sample."""
-    if samples_per_shard < 1:
-        raise ValueError(f"buckets.samples_per_shard must be >= 1, got {samples_per_shard}")
-    names = member_keys(index.column("key").to_pylist())
-    by_bucket: dict[tuple[int, int], list[tuple[str, str, int]]] = defaultdict(list)
-    columns = ("key", "bucket_h", "bucket_w", "part", "row_group")
-    for key, h, w, part, group in zip(*(index.column(c).to_pylist() for c in columns)):
-        by_bucket[(h, w)].append((key, part, group))
-    plan: list[dict[str, Any]] = []
-    for bucket in sorted(by_bucket):
-        name = bucket_name(bucket)
-        members = sorted(by_bucket[bucket])
-        for shard_i, start in enumerate(range(0, len(members), samples_per_shard)):
-            chunk = members[start:start + samples_per_shard]
-            plan.append({"index": len(plan), "bucket": name, "output": f"{name}/{name}-{shard_i:05d}.tar",
-                         "members": [{"key": k, "member_key": names[k], "part": p, "row_group": g}
-                                     for k, p, g in chunk]})
-    return plan
+def tar_member(name: str, data: bytes) -> tuple[bytes, bytes]:
+    """(header, data padded to 512 bytes) of one tar member: USTAR, mtime 0, mode 0644, owner 0."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    header = info.tobuf(format=tarfile.USTAR_FORMAT if len(name) <= 100 else tarfile.PAX_FORMAT)
+    return header, data + b"\0" * (-len(data) % BLOCK)
 
 
-def sample_json(row: dict[str, Any]) -> dict[str, Any]:
-    """The `<key>.json` member: what training needs besides the pixels."""
-    return {
+def sample_json(row: dict[str, Any]) -> bytes:
+    """The `<member>.json` member: what training needs besides the pixels."""
+    meta = {
         "key": row["key"], "caption": row["caption"], "caption_synthetic": row["caption_synthetic"],
         "orig_h": row["orig_h"], "orig_w": row["orig_w"], "bucket_h": row["bucket_h"], "bucket_w": row["bucket_w"],
         "format": row["format"], "sha256": row["sha256"],
-        "scores": {name: row[name] for name in records.SCORE_COLUMNS},
-        "meta": records.load_meta(row["meta_json"]),
+        "scores": {name: row.get(name) for name in records.SCORE_COLUMNS},
+        "meta": records.load_meta(row.get("meta_json")),
     }
+    return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-    tar.addfile(info, io.BytesIO(data))
+def sample_members(row: dict[str, Any], stem: str) -> tuple[list[bytes], int, int]:
+    """(byte pieces, image data offset within them, total size) of one sample's two members."""
+    ext = TAR_FORMATS.get(row["format"])
+    if ext is None:
+        raise ValueError(f"sample {row['key']!r} has format {row['format']!r}, which a shard cannot hold as is")
+    image_header, image_data = tar_member(f"{stem}.{ext}", row["image"])
+    json_header, json_data = tar_member(f"{stem}.json", sample_json(row))
+    pieces = [image_header, image_data, json_header, json_data]
+    return pieces, len(image_header), sum(len(p) for p in pieces)
 
 
-def tar_bytes(rows: list[dict[str, Any]], names: list[str]) -> bytes:
-    """A WebDataset tar: `<name>.<ext>` (image bytes as they are) and `<name>.json` per sample, in order."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for row, name in zip(rows, names):
-            ext = EXTENSIONS.get(row["format"])
-            if ext is None:
-                raise ValueError(f"sample {row['key']!r} has format {row['format']!r}; buckets stage re-encodes "
-                                 f"formats other than {sorted(EXTENSIONS)}")
-            _add_member(tar, f"{name}.{ext}", row["image"])
-            _add_member(tar, f"{name}.json",
-                        json.dumps(sample_json(row), sort_keys=True, ensure_ascii=False).encode("utf-8"))
-    return buf.getvalue()
+def tar_bytes(rows: list[dict[str, Any]], stems: list[str]) -> bytes:
+    """A whole WebDataset tar of ``rows`` (tests, the benchmark baseline): the bytes the writer streams."""
+    out = []
+    for row, stem in zip(rows, stems):
+        out.extend(sample_members(row, stem)[0])
+    return b"".join(out) + END_OF_ARCHIVE
 
 
-class ShardWorker(runner.ChunkWorker):
-    """Writes one planned shard (atomically), reading only the row groups (one bucket of one part) it needs."""
+@dataclass
+class OpenShard:
+    """One bucket's tar being written."""
 
-    def run_chunk(self, chunk: dict[str, Any]) -> tuple[int, int]:
-        members = chunk["members"]
-        groups: dict[str, set[int]] = defaultdict(set)
-        for m in members:
-            groups[m["part"]].add(int(m["row_group"]))
-        wanted = {m["key"] for m in members}
-        rows: dict[str, dict[str, Any]] = {}
-        for part, row_groups in groups.items():
-            for row in records.read_row_groups(part, sorted(row_groups)).to_pylist():
-                if row["key"] in wanted:
-                    rows[row["key"]] = row
-        missing = [k for k in wanted if k not in rows]
-        if missing:
-            raise RuntimeError(f"shard {chunk['output']}: keys {sorted(missing)[:5]} are missing from their parts")
-        data = tar_bytes([rows[m["key"]] for m in members], [m["member_key"] for m in members])
-        storage.write_bytes_atomic(runner.chunk_output(self.stage_dir, chunk), data)
-        return len(members), 0
+    bucket: str
+    name: str  # relative to the dataset folder
+    stream_cm: Any
+    stream: Any
+    opened_at: float
+    size: int = 0
+    samples: int = 0
+    stems: set[str] = field(default_factory=set)
+    units: set[int] = field(default_factory=set)
 
 
-def manifest_table(samples: pa.Table, plan: list[dict[str, Any]]) -> pa.Table:
-    """Manifest rows (no image bytes), sorted by key, from the buckets parts and the shard plan."""
-    where = {m["key"]: (f"{SHARDS_DIR}/{c['output']}", m["member_key"]) for c in plan for m in c["members"]}
-    keys = samples.column("key").to_pylist()
-    missing = [k for k in keys if k not in where]
-    if missing:
-        raise RuntimeError(f"samples {missing[:5]} have no shard in the plan")
-    samples = samples.append_column("shard", pa.array([where[k][0] for k in keys], pa.string()))
-    samples = samples.append_column("member_key", pa.array([where[k][1] for k in keys], pa.string()))
-    return records.conform(samples, records.MANIFEST_SCHEMA).sort_by("key")
+@dataclass
+class UnitState:
+    total: int
+    node: str | None = None
+    seen: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    open_shards: set[str] = field(default_factory=set)
+
+
+class ShardWriter:
+    """Bucketed tars for the samples it is sent, and each unit's work part once the unit is done (pure Python; the
+    streaming pass runs it as a Ray actor)."""
+
+    def __init__(self, dataset_dir: str, tag: str, samples_per_shard: int, shard_target_bytes: int,
+                 max_open_s: float):
+        if samples_per_shard < 1:
+            raise ValueError(f"buckets.samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.dataset_dir, self.tag = dataset_dir, tag
+        self.work_dir = storage.join(dataset_dir, WORK_DIR)
+        self.samples_per_shard, self.target_bytes, self.max_open_s = samples_per_shard, shard_target_bytes, max_open_s
+        self.open: dict[str, OpenShard] = {}
+        self.units: dict[int, UnitState] = {}
+        self.sequence = 0
+        self.closed = 0
+
+    # ---- shards
+    def _open_shard(self, bucket: str) -> OpenShard:
+        name = f"{SHARDS_DIR}/{bucket}/{bucket}-{self.tag}-{self.sequence:05d}.tar"
+        self.sequence += 1
+        cm = storage.open_atomic(storage.join(self.dataset_dir, *name.split("/")))
+        shard = OpenShard(bucket, name, cm, cm.__enter__(), time.monotonic())
+        self.open[bucket] = shard
+        return shard
+
+    def _close_shard(self, shard: OpenShard) -> None:
+        shard.stream.write(END_OF_ARCHIVE)
+        shard.stream_cm.__exit__(None, None, None)
+        del self.open[shard.bucket]
+        self.closed += 1
+        for unit in shard.units:
+            self.units[unit].open_shards.discard(shard.name)
+
+    def _add(self, row: dict[str, Any], state: UnitState, unit: int) -> None:
+        bucket = bucket_name((row["bucket_h"], row["bucket_w"]))
+        shard = self.open.get(bucket) or self._open_shard(bucket)
+        stem, n = member_stem(row["key"]), 1
+        while stem in shard.stems:  # two keys that map to one member name: keep both, apart
+            stem, n = f"{member_stem(row['key'])}_{n}", n + 1
+        shard.stems.add(stem)
+        pieces, image_at, size = sample_members(row, stem)
+        for piece in pieces:
+            shard.stream.write(piece)
+        location = {"shard": shard.name, "member_key": stem, "image_offset": shard.size + image_at,
+                    "image_size": len(row["image"]), "sample_offset": shard.size, "sample_size": size}
+        shard.size += size
+        shard.samples += 1
+        shard.units.add(unit)
+        state.open_shards.add(shard.name)
+        state.rows.append({**{k: v for k, v in row.items() if k != "image"}, **location})
+        if shard.samples >= self.samples_per_shard or shard.size >= self.target_bytes:
+            self._close_shard(shard)
+
+    # ---- units
+    def _finish_units(self) -> list[int]:
+        done = [u for u, s in self.units.items() if s.seen == s.total and not s.open_shards]
+        for unit in done:
+            state = self.units.pop(unit)
+            write_unit(self.work_dir, unit, state.rows, state.rejects, state.node)
+        return done
+
+    def append(self, table: pa.Table) -> list[int]:
+        """Write a block of sample rows; returns the units it completed."""
+        for row in table.to_pylist():
+            unit = int(row["unit"])
+            state = self.units.setdefault(unit, UnitState(int(row["unit_size"]), row.get("node")))
+            state.seen += 1
+            if row["reject_reason"] is not None:
+                state.rejects.append(records.reject_row(row["key"], row["reject_stage"], row["reject_reason"],
+                                                        row["reject_detail"] or ""))
+            else:
+                self._add(row, state, unit)
+        return self.tick()
+
+    def tick(self) -> list[int]:
+        """Close tars open longer than `shard_max_open_s`, then write the units that are done."""
+        now = time.monotonic()
+        for shard in list(self.open.values()):
+            if now - shard.opened_at >= self.max_open_s:
+                self._close_shard(shard)
+        return self._finish_units()
+
+    def close(self) -> dict[str, Any]:
+        """Close every tar; every unit sent must now be done."""
+        for shard in list(self.open.values()):
+            self._close_shard(shard)
+        self._finish_units()
+        if self.units:
+            raise RuntimeError(f"shard writer {self.tag}: units {sorted(self.units)[:5]} did not receive all their "
+                               f"samples ({[(s.seen, s.total) for s in list(self.units.values())[:5]]})")
+        return {"writer": self.tag, "shards": self.closed}
+
+    def abort(self) -> None:
+        """Drop the open tars unwritten (a failed run): their temp files go, nothing becomes visible."""
+        for shard in list(self.open.values()):
+            shard.stream_cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self.open.clear()
+
+
+def write_unit(work_dir: str, unit: int, rows: list[dict[str, Any]], rejects: list[dict[str, Any]],
+               node: str | None = None) -> None:
+    """A unit's rejects, then its work part (the part marks the unit done, so it is written last)."""
+    storage.write_bytes_atomic(storage.join(work_dir, records.part_name(unit, "rejects")),
+                               records.parquet_bytes(records.rejects_table(rejects)))
+    part = records.table_from_rows(sorted(rows, key=lambda r: r["key"]), records.WORK_SCHEMA)
+    part = part.replace_schema_metadata({"reader_node": node or ""})
+    storage.write_bytes_atomic(storage.join(work_dir, records.part_name(unit)), records.parquet_bytes(part))

@@ -1,7 +1,10 @@
 """Which samples a training stage uses, and in which bucket each one trains: manifest reading and subset selection.
 
-Pure pandas over the data stages' ``manifest.parquet`` (docs/architecture.md, "Data contracts"); no I/O besides
-reading the manifest, no Ray. Errors name the manifest file and the offending parameter.
+Pure pandas over the data stages' *current* manifest (docs/architecture.md, "Data contracts"): the base
+``manifest.parquet`` (a folder of parquet parts, or a single file) with the metadata layers of later passes applied
+(re-scores, re-captions: their columns joined by sample key, their rejects dropped; stages/data/layers.py). No I/O
+besides reading it, no Ray. Errors name the manifest and the offending parameter. ``shard_index`` reads the data
+stages' shard index: shards per bucket with their sample counts, to plan epochs without listing the shard objects.
 """
 
 from __future__ import annotations
@@ -49,12 +52,17 @@ def latent_cache_dir(cfg) -> str:
 
 
 def read_manifest(dataset_dir: str) -> pd.DataFrame:
-    """The manifest as a DataFrame sorted by key; a clear error when it is missing, empty or malformed."""
+    """The current manifest as a DataFrame sorted by key; a clear error when it is missing, empty or malformed."""
+    from stages.data.layers import current_manifest
+
     path = storage.join(dataset_dir, MANIFEST_NAME)
-    if not storage.is_file(path):
+    if storage.is_file(path):  # a single file: written by tools and tests, or by older data stages
+        df = storage.read_parquet(path).to_pandas()
+    elif storage.exists(path):
+        df = current_manifest(dataset_dir).to_pandas()
+    else:
         raise FileNotFoundError(f"training data manifest not found: {path} (run the data stages first: "
                                 f"`python pipeline/run.py stage=data`, or set loader.dataset_dir)")
-    df = storage.read_parquet(path).to_pandas()
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {path} lacks required column(s) {missing}; has {list(df.columns)}")
@@ -174,3 +182,36 @@ def aesthetic_scores(df: pd.DataFrame) -> np.ndarray:
     if "aesthetic_score" not in df.columns:
         return np.full(len(df), DEFAULT_AESTHETIC_SCORE, dtype=np.float32)
     return df["aesthetic_score"].astype("float64").fillna(DEFAULT_AESTHETIC_SCORE).to_numpy(np.float32)
+
+
+SHARD_INDEX_NAME = "shard_index.parquet"
+
+
+def shard_index(dataset_dir: str) -> pd.DataFrame:
+    """One row per shard: shard (relative path), bucket_h, bucket_w, samples (the manifest rows it holds), bytes.
+
+    Written by the data stages from their own metadata, so planning an epoch over shards needs no object listing.
+    """
+    path = storage.join(dataset_dir, SHARD_INDEX_NAME)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"shard index not found: {path} (written by `stage=data` / `stage=buckets`)")
+    return storage.read_parquet(path).to_pandas().sort_values("shard", kind="stable").reset_index(drop=True)
+
+
+def manifest_fingerprint(dataset_dir: str) -> str:
+    """A content hash of the current manifest's files (base parts and finished layers), or "missing"."""
+    import hashlib
+
+    path = storage.join(dataset_dir, MANIFEST_NAME)
+    if storage.is_file(path):
+        files = [path]
+    elif storage.exists(path):
+        files = storage.list_files(path, suffix=".parquet")
+        files += storage.list_files(storage.join(dataset_dir, "layers"), suffix=".parquet", recursive=True)
+    else:
+        return "missing"
+    digest = hashlib.sha256()
+    for uri in files:
+        digest.update(uri[len(str(dataset_dir)):].encode())
+        digest.update(storage.read_bytes(uri))
+    return digest.hexdigest()

@@ -89,8 +89,15 @@ class TarShardReader:
             self._index[shard] = index
         return index
 
-    def image_bytes(self, shard: str, stem: str) -> bytes:
-        """The image member ``<stem>.<image ext>`` of ``shard`` (see :func:`sample_member`)."""
+    def image_bytes(self, shard: str, stem: str, offset: int | None = None, size: int | None = None) -> bytes:
+        """The image member ``<stem>.<image ext>`` of ``shard`` (see :func:`sample_member`).
+
+        With the manifest's ``image_offset`` / ``image_size`` the bytes are read directly (one ranged read, no scan
+        of the tar's headers); without them the shard's headers are indexed on first use.
+        """
+        if offset is not None and size is not None and offset >= 0 and size >= 0:
+            uri = storage.join(self.dataset_dir, *shard.split("/"))
+            return self._files.get(uri).read_at(int(size), int(offset))
         members = self._members(shard)
         for ext in IMAGE_EXTENSIONS:
             hit = members.get(f"{stem}.{ext}")
@@ -100,6 +107,13 @@ class TarShardReader:
                 return self._files.get(uri).read_at(size, offset)
         raise KeyError(f"sample member {stem}.<image ext> is not in shard "
                        f"{storage.join(self.dataset_dir, *shard.split('/'))}")
+
+    def record_image_bytes(self, record) -> bytes:
+        """The image bytes of a manifest row: by its byte offset when the manifest has one, else by member name."""
+        offset, size = record.get("image_offset"), record.get("image_size")
+        known = offset is not None and size is not None and offset == offset and size == size  # NaN-safe
+        return self.image_bytes(str(record["shard"]), sample_member(record), int(offset) if known else None,
+                                int(size) if known else None)
 
     def close(self) -> None:
         self._files.close()

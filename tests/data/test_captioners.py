@@ -36,7 +36,7 @@ def test_coca_captions_one_string_per_image_deterministically():
     first = Captioner.from_config(_section()).caption(images)
     second = Captioner.from_config(_section()).caption(images)
     assert isinstance(first, list) and len(first) == 5
-    assert all(isinstance(text, str) for text in first)
+    assert all(isinstance(text, str) and text.strip() for text in first)  # never empty, even with random weights
     assert first == second
     assert Captioner.from_config(_section()).caption([]) == []
 

@@ -1,4 +1,4 @@
-"""Resume: a stage killed with SIGKILL mid-run, re-run, redoes only the unfinished chunks."""
+"""Resume: the streaming pass killed with SIGKILL mid-run, re-run, redoes only the unfinished units."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.context import StageContext
-from stages.data import ingest, records
+from stages.data import pipeline as data_pipeline
+from stages.data import records
 from tests.data import data_cfg
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,42 +53,48 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_killed_ingest_resumes_without_duplicates_or_loss(ray_local, tmp_path):
+def test_killed_data_pass_resumes_without_duplicates_or_loss(ray_local, tmp_path):
     source, root = tmp_path / "src", tmp_path / "root"
     _write_images(source, N_IMAGES)
-    overrides = {"ingest.source": str(source), "ingest.chunk_size": 1}
+    # Units of 2 and tars of 4: units finish (their tars close) all through the run, so the kill lands mid-pass.
+    overrides = {"ingest.source": str(source), "ingest.chunk_size": 2, "buckets.samples_per_shard": 4}
     script = textwrap.dedent(f"""
         import ray
         from pipeline.context import StageContext
-        from stages.data import ingest
+        from stages.data import pipeline
         from tests.data import data_cfg
         ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-        ingest.run(data_cfg(**{overrides!r}), StageContext(root={str(root)!r}, stage="ingest"))
+        pipeline.run(data_cfg(**{overrides!r}), StageContext(root={str(root)!r}, stage="data"))
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ctx = StageContext(root=str(root), stage="ingest")
-    stage_dir = Path(ctx.stage_dir("ingest"))
-    deadline = time.time() + 240
+    ctx = StageContext(root=str(root), stage="data")
+    work = Path(ctx.dataset_dir) / "work"
+    deadline = time.time() + 300
     try:
-        while len(list(stage_dir.glob("part-*.parquet"))) < 5:
+        while len(list(work.glob("part-*.parquet"))) < 5:
             assert proc.poll() is None, "the stage ended before it could be killed"
-            assert time.time() < deadline, "no parts appeared in time"
+            assert time.time() < deadline, "no units finished in time"
             time.sleep(0.02)
     finally:
         _kill_tree(proc)
 
-    assert not (stage_dir / "_SUCCESS").exists(), "the stage finished before the kill; the test proves nothing"
-    done_before = {p.name: p.stat().st_mtime_ns for p in stage_dir.glob("part-*.parquet")}
-    assert 5 <= len(done_before) < N_IMAGES
+    assert not (Path(ctx.dataset_dir) / "stats.json").exists(), "the stage finished before the kill: proves nothing"
+    done_before = {p.name: p.stat().st_mtime_ns for p in work.glob("part-*.parquet")}
+    tars_before = {p: p.stat().st_mtime_ns for p in (Path(ctx.dataset_dir) / "shards").rglob("*.tar")}
+    assert 5 <= len(done_before) < N_IMAGES // 2
 
-    counts = ingest.run(data_cfg(**overrides), ctx)
+    result = data_pipeline.run(data_cfg(**overrides), ctx)
 
-    assert counts["chunks_run"] == N_IMAGES - len(done_before)
-    assert {n: (stage_dir / n).stat().st_mtime_ns for n in done_before} == done_before  # finished parts untouched
-    keys = records.read_tables(records.list_parts(str(stage_dir)), records.INGEST_SCHEMA, ["key"]).column("key")
-    keys = keys.to_pylist()
-    assert len(keys) == len(set(keys)) == N_IMAGES  # no duplicates, nothing lost
-    assert keys == [f"img{i:04d}" for i in range(N_IMAGES)]
-    assert json.loads((stage_dir / "_SUCCESS").read_text())["kept"] == N_IMAGES
+    assert result["units_run"] == N_IMAGES // 2 - len(done_before)
+    assert {n: (work / n).stat().st_mtime_ns for n in done_before} == done_before  # finished units untouched
+    assert {p: p.stat().st_mtime_ns for p in tars_before} == tars_before  # and no shard rewritten
+    assert not list(Path(ctx.dataset_dir).rglob(".tmp-*"))  # the killed run's open tars are gone
+    keys = records.read_dataset(str(Path(ctx.dataset_dir) / "manifest.parquet"), records.MANIFEST_SCHEMA,
+                                ["key"]).column("key").to_pylist()
+    assert sorted(keys) == [f"img{i:04d}" for i in range(N_IMAGES)]  # no duplicates, nothing lost
+    stats = json.loads((Path(ctx.dataset_dir) / "stats.json").read_text())
+    assert stats["accounting"]["ok"] and stats["samples_kept"] == N_IMAGES
+    index = pq.read_table(Path(ctx.dataset_dir) / "shard_index.parquet")
+    assert sum(index.column("samples").to_pylist()) == N_IMAGES  # copies in the killed run's tars are not counted

@@ -1,0 +1,152 @@
+"""Model stages: the caption core, scorer and captioner actors in the streaming pass, and the metadata passes that
+add columns (re-score, re-caption) to a finished dataset without rewriting a shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from stages.data import process, records
+from stages.data.caption import caption_table
+from tests.data import data_cfg
+from tests.data.corrupt_inputs import EXPECTED, build_corrupt_folder
+
+KEPT = sorted(k for k, v in EXPECTED.items() if v == "kept")
+
+
+def _caption_rows() -> pa.Table:
+    raws = []
+    for i, mode in enumerate(("RGB", "RGBA", "CMYK")):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((12, 16 + i, len(mode)), 40 * i, np.uint8), mode=mode).save(
+            buf, "JPEG" if mode == "CMYK" else "PNG")
+        raws.append({"key": f"k{i}", "image": buf.getvalue(), "caption_raw": f"orig {i}", "source": "", "meta": {}})
+    raws.append({"key": "k3", "source": "", "reject": ("ingest", "download_failed", "404")})
+    return process.process_unit(raws, 0, process.SampleOptions())
+
+
+def test_caption_core_adds_synthetic_and_keeps_original():
+    sizes = []
+
+    def fake_captioner(imgs):
+        sizes.extend(img.size for img in imgs)
+        assert all(img.mode == "RGB" for img in imgs)
+        return [f"a {img.size[0]}x{img.size[1]} picture" for img in imgs]
+
+    out = caption_table(_caption_rows(), fake_captioner, batch_size=2).to_pylist()
+    assert [r["caption"] for r in out] == ["orig 0", "orig 1", "orig 2", None]
+    assert [r["caption_synthetic"] for r in out] == ["a 16x12 picture", "a 17x12 picture", "a 18x12 picture", ""]
+    assert len(sizes) == 3 and out[3]["reject_reason"] == "download_failed"  # a rejected row is passed over
+
+
+def test_caption_failure_is_a_recorded_reject():
+    def picky_captioner(imgs):
+        if any(img.size[0] == 17 for img in imgs):  # the second sample breaks the model
+            raise RuntimeError("model failed")
+        return ["ok"] * len(imgs)
+
+    out = caption_table(_caption_rows(), picky_captioner, batch_size=3).to_pylist()
+    assert [(r["key"], r["reject_reason"]) for r in out] == [("k0", None), ("k1", "caption_failed"), ("k2", None),
+                                                             ("k3", "download_failed")]
+    assert "model failed" in out[1]["reject_detail"] and out[1]["reject_stage"] == "caption"
+
+
+class FakeScoreActor:
+    """A scorer actor for metadata passes: the aesthetic score is the image's mean pixel / 25 (0..10.2), and
+    images darker than ``min_mean`` fail the threshold."""
+
+    def __init__(self, min_mean: float):
+        self.min_mean = min_mean
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from stages.data import images
+
+        rows = table.to_pylist()
+        for row in rows:
+            if row["reject_reason"] is None:
+                mean = float(np.asarray(images.decode_rgb(row["image"])).mean())
+                row["aesthetic_score"] = mean / 25.0
+                if mean < self.min_mean:
+                    process.reject(row, "filter", "low_aesthetic_score", f"mean {mean:.1f}")
+        return records.table_from_rows(rows, table.schema)
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory):
+    from pipeline.context import StageContext
+    from stages.data import pipeline as data_pipeline
+
+    tmp = tmp_path_factory.mktemp("layers")
+    ctx = StageContext(root=str(tmp / "root"), stage="data", dataset="layers")
+    cfg = data_cfg(**{"ingest.source": str(build_corrupt_folder(tmp / "src")), "ingest.chunk_size": 8})
+    data_pipeline.run(cfg, ctx)
+    return cfg, ctx, Path(ctx.dataset_dir)
+
+
+@pytest.mark.integration
+def test_a_metadata_pass_adds_columns_and_rejects_without_touching_shards(finished):
+    from stages.data import layers
+    from stages.train.data_manifest import read_manifest
+
+    cfg, ctx, out = finished
+    tars = {p: os.stat(p).st_mtime_ns for p in (out / "shards").rglob("*.tar")}
+    before = read_manifest(str(out))
+    assert before["aesthetic_score"].isna().all()
+    result = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
+    after = read_manifest(str(out))
+    assert {p: os.stat(p).st_mtime_ns for p in tars} == tars  # no shard rewritten
+    assert after["aesthetic_score"].notna().all() and len(after) < len(before) == len(KEPT)
+    dropped = set(before["key"]) - set(after["key"])
+    layer_rejects = records.read_tables(sorted(str(p) for p in Path(result["layer"]).glob("rejects-*.parquet")),
+                                        records.REJECT_SCHEMA).to_pylist()
+    assert dropped == {r["key"] for r in layer_rejects} and {r["reason"] for r in layer_rejects} == {
+        "low_aesthetic_score"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["samples_kept"] == len(after) and stats["accounting"]["ok"]
+    assert stats["rejects_by_reason"]["low_aesthetic_score"] == len(dropped)
+    again = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
+    assert again["layer"] == result["layer"] and again["samples"] == 0  # resumed: nothing left to do
+    assert layers.layer_names(str(out)) == [Path(result["layer"]).name]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_data_stage_with_scorer_and_captioner_actors_then_a_recaption_pass(ray_local, tmp_path):
+    from pipeline.context import StageContext
+    from stages.data import caption
+    from stages.data import pipeline as data_pipeline
+    from stages.train.data_manifest import read_manifest
+    from tests.data.test_captioners import TINY_COCA
+    from tests.data.test_scorers import TINY_CLIP
+
+    source = build_corrupt_folder(tmp_path / "src")
+    ctx = StageContext(root=str(tmp_path / "root"), stage="data", dataset="models")
+    cfg = data_cfg(**{"ingest.source": str(source), "caption.synthetic": True, "filter.min_aesthetic": -1e9})
+    cfg.scoring = {"enabled": True, "arch": "test-tiny-clip", "pretrained": None, "model_config": TINY_CLIP,
+                   "random_init_ok": True, "device": "cpu", "batch_size": 8, "seed": 0}
+    cfg.captioner = {"kind": "coca", "arch": "test-tiny-coca", "pretrained": None, "model_config": TINY_COCA,
+                     "model": None, "random_init_ok": True, "max_new_tokens": 4, "batch_size": 4, "device": "cpu",
+                     "seed": 0}
+    result = data_pipeline.run(cfg, ctx)
+    manifest = read_manifest(ctx.dataset_dir)
+    assert result["kept"] == len(KEPT) == len(manifest)
+    assert manifest["clip_score"].notna().all() and manifest["aesthetic_score"].nunique() > 1
+    assert all(isinstance(c, str) and c.strip() for c in manifest["caption_synthetic"])  # real, non-empty captions
+    assert json.loads((Path(ctx.dataset_dir) / "stats.json").read_text())["accounting"]["ok"]
+
+    tars = {p: os.stat(p).st_mtime_ns for p in (Path(ctx.dataset_dir) / "shards").rglob("*.tar")}
+    cfg.captioner.seed = 1  # "a new captioner": other weights, other captions
+    caption.run(cfg, StageContext(root=ctx.root, stage="caption", dataset="models"))
+    recaptioned = read_manifest(ctx.dataset_dir)
+    assert {p: os.stat(p).st_mtime_ns for p in tars} == tars
+    assert list(recaptioned["key"]) == list(manifest["key"])
+    assert all(isinstance(c, str) and c.strip() for c in recaptioned["caption_synthetic"])
+    assert (recaptioned["caption_synthetic"] != manifest["caption_synthetic"]).any()
+    assert list(recaptioned["clip_score"]) == list(manifest["clip_score"])  # other columns as they were
