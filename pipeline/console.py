@@ -166,7 +166,7 @@ def _paths(result: dict) -> tuple[list[tuple[str, str]], int, str | None]:
     named += [(key, value) for key, value in result.items()
               if key.endswith("_dir") and key not in PATH_KEYS and _looks_like_path(value)]
     shown = {value for _, value in named}
-    items = [(key[:-4] if key.endswith("_dir") else key, value) for key, value in named]
+    items = [(_dir_label(key), value) for key, value in named]
     grids, pngs = [], []
     for path, value in _leaves(result):
         if isinstance(value, str) and value.lower().endswith(".png"):
@@ -178,6 +178,12 @@ def _paths(result: dict) -> tuple[list[tuple[str, str]], int, str | None]:
                 items.append((_image_label(path), value))
     key_image = (grids or pngs or [None])[0]
     return items[:MAX_PATHS], max(0, len(items) - MAX_PATHS), key_image
+
+
+def _dir_label(key: str) -> str:
+    """``final_dir`` → final, ``out_dir`` → output."""
+    label = key[:-4] if key.endswith("_dir") else key
+    return "output" if label == "out" else label
 
 
 def _image_label(path: tuple[str, ...]) -> str:
@@ -338,6 +344,7 @@ def _hydra_line(exc: BaseException) -> str | None:
 
 def error_line(exc: BaseException, stage: str | None = None, log_path: str | None = None) -> str:
     """``error: ...`` in one line: what went wrong and where the full trace is."""
+    failed = getattr(exc, "failed_stage", None)  # set by pipeline.dispatch: the sub-stage of a chain that failed
     exc = _innermost(exc)
     hydra = _hydra_line(exc)
     if hydra is not None:
@@ -348,6 +355,7 @@ def error_line(exc: BaseException, stage: str | None = None, log_path: str | Non
     name = type(exc).__name__
     message = text if isinstance(exc, ValueError) and text else f"{name}: {text}" if text else name
     if stage and f"stage={stage}" not in message:
-        message = f"stage={stage} failed: {message}"
+        where = f" in {failed}" if failed and failed != stage else ""
+        message = f"stage={stage} failed{where}: {message}"
     where = f"full trace in {log_path} or with HYDRA_FULL_ERROR=1" if log_path else "HYDRA_FULL_ERROR=1 shows the trace"
     return f"error: {message}  ({where})"

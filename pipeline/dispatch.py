@@ -39,7 +39,12 @@ def execute(stage: str, cfg: DictConfig, overrides: list[str] | None = None, par
             extra={"overrides": list(overrides or [])},
         )
         log.info("stage %s: root=%s", stage, ctx.root)
-        result = spec.load()(cfg, ctx) or {}
+        try:
+            result = spec.load()(cfg, ctx) or {}
+        except Exception as exc:
+            if not hasattr(exc, "failed_stage"):  # the innermost stage of a chain names itself in the error line
+                exc.failed_stage = stage
+            raise
         result.setdefault("stage", stage)
         result["seconds"] = round(time.time() - started, 2)
         if tracker is not None:

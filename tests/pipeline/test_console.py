@@ -95,10 +95,13 @@ def test_errors_are_one_line():
             raise FileNotFoundError("no checkpoint at /r/runs/x\n(more detail)")
         except FileNotFoundError as inner:
             raise UserCodeException("wrapped") from inner
-    except UserCodeException as wrapped:
-        line = console.error_line(wrapped, "export", "/r/logs/export.log")
+    except UserCodeException as exc:
+        wrapped = exc
+    line = console.error_line(wrapped, "export", "/r/logs/export.log")
     assert line == ("error: stage=export failed: FileNotFoundError: no checkpoint at /r/runs/x  "
                     "(full trace in /r/logs/export.log or with HYDRA_FULL_ERROR=1)")
+    wrapped.failed_stage = "export"  # pipeline.dispatch marks the stage that raised; a chain says which one
+    assert console.error_line(wrapped, "demo").startswith("error: stage=demo failed in export: FileNotFoundError")
 
 
 def _record(message: str, level: int = logging.INFO, name: str = "ray.data._internal.progress.logging_progress"):
