@@ -1,7 +1,7 @@
 """Training task of the autoencoder (SDXL Sec. 2.4; the LDM autoencoder objective).
 
-loss = reconstruction (L1 or L2, mean per pixel element) + ``lpips_weight`` · LPIPS (only with
-``train.vae.lpips_weights``) + ``kl_weight`` · KL(posterior ‖ N(0, I)) summed over latent elements / pixel elements
+loss = reconstruction (L1 or L2, mean per pixel element) + ``lpips_weight`` · LPIPS (with ``train.vae.lpips_weights``:
+a file, or ``auto`` where the weights are on disk; stages/train/perceptual.py) + ``kl_weight`` · KL(posterior ‖ N(0, I)) summed over latent elements / pixel elements
 (the LDM ratio, so its ``kl_weight`` 1e-6 carries over) + ``gan_weight`` · hinge generator loss of a patch-GAN
 discriminator from step ``gan_start_step`` on.
 
@@ -20,7 +20,6 @@ from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from sdxl.checkpoint import load_into
 from sdxl.crops import bucket_crop_resize
 from sdxl.diffusion import make_noise
 from sdxl.models import build_vae
@@ -29,6 +28,7 @@ from sdxl.sampling import to_pil
 from stages.train.data_loader import decode_rgb, pil_to_tensor
 from stages.train.data_manifest import dataset_dir_from_cfg, select_samples
 from stages.train.data_shards import TarShardReader, sample_member
+from stages.train.perceptual import build_perceptual
 from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, resolve_init_from,
                                 save_module_pretrained, task_option)
 
@@ -72,37 +72,6 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-class PerceptualLoss(nn.Module):
-    """LPIPS (VGG16 variant): channel-normalised VGG features at relu1_2..relu5_3, squared differences weighted by
-    the learned linear heads, averaged over space, summed over layers. Weights come only from a file."""
-
-    _CUTS = (4, 9, 16, 23, 30)
-    _CHANNELS = (64, 128, 256, 512, 512)
-
-    def __init__(self):
-        super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
-
-        # VGG16's convolutional trunk only (the same module indices as torchvision's vgg16().features).
-        self.features = make_layers(cfgs["D"])[: self._CUTS[-1]]
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self._CHANNELS)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = (x - self.shift) / self.scale
-        taps, start = [], 0
-        for cut in self._CUTS:
-            x = self.features[start:cut](x)
-            taps.append(x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))
-            start = cut
-        return taps
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-image distance [B] between images in [-1, 1]."""
-        return sum(lin((fa - fb) ** 2).mean(dim=(1, 2, 3)) for lin, fa, fb in zip(self.lins, self._taps(a), self._taps(b)))
-
-
 def vae_settings(cfg) -> dict:
     section = task_option(cfg, "vae") or {}
     return {k: section.get(k, default) for k, default in VAE_DEFAULTS.items()}
@@ -130,6 +99,7 @@ class VAETask(TrainTask):
         self.discriminator = None
         self.disc_optimizer = None
         self.perceptual = None
+        self.perceptual_source = None  # what the perceptual term was built from (after setup)
 
     def build_model(self) -> nn.Module:
         vae = build_vae(self.preset, seed=int(task_option(self.cfg, "seed")))
@@ -147,9 +117,8 @@ class VAETask(TrainTask):
             self.discriminator.to(self.device).train()
             self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=float(s["disc_lr"]),
                                                     betas=(0.5, 0.9))
-        if s["lpips_weights"]:
-            perceptual = PerceptualLoss()
-            load_into(perceptual, str(s["lpips_weights"]))  # names the file when keys or shapes do not fit
+        perceptual, self.perceptual_source = build_perceptual(s["lpips_weights"])  # warns when auto finds no weights
+        if perceptual is not None:
             self.perceptual = perceptual.to(self.device).eval().requires_grad_(False)
 
     def wrap_units(self, model: nn.Module) -> list[nn.Module]:
@@ -232,6 +201,6 @@ class VAETask(TrainTask):
     def lineage_tags(self) -> dict[str, str]:
         tags = {"task": "vae", "preset": self.preset.name, "parent_checkpoint": self.init_path or "scratch",
                 "gan": "off" if float(self.settings["gan_weight"]) <= 0 else f"from step {self.settings['gan_start_step']}",
-                "lpips": str(self.settings["lpips_weights"] or "off")}
+                "lpips": self.perceptual_source or str(self.settings["lpips_weights"] or "off")}
         tags.update(data_lineage(self.cfg))
         return tags

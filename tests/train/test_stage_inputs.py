@@ -115,3 +115,45 @@ def test_stage_configs_compose_at_both_presets(tmp_path, preset, expected):
     assert list(quality.loader.top_k_by.columns) == ["aesthetic_score", "clip_score"] and quality.train.lr == 1e-5
     vae = stage_cfg("train_vae", str(tmp_path), preset=preset)
     assert vae.train.vae.gan_start_step == (50000 if preset == "full" else 50)
+
+
+# Each training stage's own length at preset=full (paper: 600k at 256², 200k at 512²; the rest docs/decisions.md),
+# and the warm-up its cosine schedule starts with.
+FULL_LENGTHS = {"pretrain256": (600_000, 10_000), "pretrain512": (200_000, 10_000),
+                "finetune_aspect": (50_000, 5_000), "finetune_quality": (20_000, 1_000),
+                "train_refiner": (100_000, 10_000), "train_vae": (300_000, 5_000)}
+
+
+def _compose_full(stage: str, root: str):
+    from hydra import compose, initialize_config_dir
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base=None):
+        return compose(config_name="config", overrides=[f"stage={stage}", "preset=full", f"paths.root={root}"])
+
+
+@pytest.mark.parametrize("stage", TRAINING_STAGES)
+def test_every_training_stage_has_its_own_length_and_schedule_at_full(stage, tmp_path):
+    import torch
+
+    from stages.train.schedules import make_lr_scheduler
+
+    cfg = _compose_full(stage, str(tmp_path))
+    max_steps, warmup = FULL_LENGTHS[stage]
+    assert (cfg.train.max_steps, cfg.train.warmup_steps) == (max_steps, warmup)
+    assert cfg.train.max_steps == cfg.stage_sizes.full.max_steps  # set in the stage's own file
+    # the cosine runs from the end of the warm-up to this stage's max_steps
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(cfg.train.lr))
+    multiplier = make_lr_scheduler(optimizer, cfg.train).lr_lambdas[0]
+    floor = float(cfg.train.min_lr) / float(cfg.train.lr)
+    assert multiplier(warmup) == pytest.approx(1.0)
+    assert multiplier(warmup + (max_steps - warmup) // 2) == pytest.approx((1 + floor) / 2, abs=1e-4)
+    assert multiplier(max_steps - 1) == pytest.approx(floor, abs=1e-6) and multiplier(max_steps) == floor
+    assert multiplier(max_steps // 2) > floor + 0.1 * (1 - floor)  # not already decayed halfway through the stage
+
+
+def test_autoencoder_recipe_at_full(tmp_path):
+    vae = _compose_full("train_vae", str(tmp_path))
+    assert vae.train.global_batch_size == 256  # Sec. 2.4: the autoencoder at batch 256
+    assert vae.train.vae.lpips_weights == "auto"  # the perceptual term wherever its weights are on disk
+    assert _compose_full("pretrain256", str(tmp_path)).train.global_batch_size == 2048

@@ -206,7 +206,7 @@ def test_unknown_task_kind(root):
 def test_perceptual_loss_loads_a_full_weights_file(tmp_path):
     from safetensors.torch import save_file
 
-    from stages.train.task_vae import PerceptualLoss
+    from stages.train.perceptual import PerceptualLoss
 
     net = PerceptualLoss()
     for lin in net.lins:
@@ -219,6 +219,49 @@ def test_perceptual_loss_loads_a_full_weights_file(tmp_path):
     a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(loaded(a, a), torch.zeros(2), atol=1e-6)
     assert (loaded(a, b) > 0).all()
+
+
+# ---- the perceptual term: lpips_weights=auto (torch hub VGG16 + torchmetrics' LPIPS heads) ------------------------
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """A private torch hub cache (tests never reach the network)."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    return hub
+
+
+def test_lpips_auto_uses_the_hub_vgg16_and_torchmetrics_heads(root, hub_dir):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from stages.train.perceptual import lpips_auto_sources
+
+    torch.manual_seed(0)
+    trunk = {f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}  # torchvision vgg16 keys
+    trunk["classifier.0.weight"] = torch.zeros(2, 2)  # the real file has the classifier too: ignored
+    torch.save(trunk, hub_dir / "checkpoints" / "vgg16-397923af.pth")
+    task = make_task(stage_cfg("train_vae", root, overrides=["train.vae.lpips_weights=auto"]))
+    task.setup(torch.device("cpu"))
+    assert task.perceptual is not None
+    loaded = task.perceptual.state_dict()
+    assert torch.equal(loaded["features.28.weight"], trunk["features.28.weight"])
+    heads = torch.load(lpips_auto_sources()[1], map_location="cpu", weights_only=True)
+    assert torch.equal(loaded["lins.4.weight"], heads["lin4.model.1.weight"])
+    model = task.build_model()
+    _, metrics = task.loss(model, first_batch(stage_cfg("train_vae", root)), torch.Generator().manual_seed(0))
+    assert metrics["lpips"] > 0
+    assert task.lineage_tags()["lpips"].startswith("auto")
+
+
+def test_lpips_auto_without_the_vgg16_weights_says_what_is_missing(root, hub_dir, caplog):
+    task = make_task(stage_cfg("train_vae", root, overrides=["train.vae.lpips_weights=auto"]))
+    with caplog.at_level("WARNING"):
+        task.setup(torch.device("cpu"))
+    assert task.perceptual is None
+    expected = str(hub_dir / "checkpoints" / "vgg16-397923af.pth")
+    messages = [r.getMessage() for r in caplog.records if "LPIPS" in r.getMessage()]
+    assert len(messages) == 1 and expected in messages[0] and "lpips_weights" in messages[0]
+    assert "off" in task.lineage_tags()["lpips"] and expected in task.lineage_tags()["lpips"]
 
 
 # ---- the unconditional input (SPEC, "Classifier-free guidance"): zeros for the base, "" for the refiner --------
