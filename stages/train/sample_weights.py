@@ -4,8 +4,9 @@
 (high - low), 0, 1)`` rounded to a whole number: 1 at or below ``low``, ``max_weight`` at or above ``high``, a linear
 ramp between; a sample without a score weighs 1. The loader puts a sample that many times into its bucket's share,
 so each epoch of a bucket's stream visits it that often while the stream stays deterministic and resumable
-(stages/train/data_loader.py); with several ranks its copies may be dealt to different ranks. The refiner uses it to train on the whole range of aesthetic scores it is sampled
-with (6.0 positive, 2.5 negative) while seeing good images more often (docs/decisions.md).
+(stages/train/data_loader.py); with several ranks its copies may be dealt to different ranks. The refiner uses it to
+train on the whole range of aesthetic scores it is sampled with (6.0 positive, 2.5 negative) while seeing good images
+more often (docs/decisions.md).
 """
 
 from __future__ import annotations
