@@ -20,7 +20,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-BENCHMARKS = ["data", "sampler", "train", "cache", "serve"]
+BENCHMARKS = ["data", "data_urls", "data_plan", "sampler", "train", "cache", "serve"]
 
 
 def _format(value) -> str:
@@ -45,9 +45,11 @@ def render(results: dict[str, dict], started: float) -> str:
         "",
     ]
     for name, figures in results.items():
-        lines += [f"## {name}", "", f"Measured {figures.get('measured_at', 'in this run')}.", "",
-                  "| figure | value |", "|---|---|"]
-        lines += [f"| {key} | {_format(value)} |" for key, value in figures.items()]
+        lines += [f"## {name}", "", f"Measured {figures.get('measured_at', 'in this run')}.", ""]
+        if "about" in figures:  # what each side of the comparison does
+            lines += [figures["about"], ""]
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {key} | {_format(value)} |" for key, value in figures.items() if key != "about"]
         lines.append("")
     return "\n".join(lines)
 

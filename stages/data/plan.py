@@ -173,7 +173,8 @@ def _files(source: str, suffixes: tuple[str, ...]) -> tuple[list[str], str]:
     if storage.is_file(source):
         return [source], posixpath.dirname(source.replace("\\", "/"))
     found = [storage.join(source, *posixpath.join(rel, n).split("/")) if rel else storage.join(source, n)
-             for rel, names in walk(source) for n in names if n.lower().endswith(suffixes)]
+             for rel, names in walk(source) for n in names
+             if n.lower().endswith(suffixes) and not n.startswith(("_", "."))]
     return found, source
 
 

@@ -97,6 +97,7 @@ class UnitState:
     total: int
     node: str | None = None
     seen: int = 0
+    keys: set[str] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     open_shards: set[str] = field(default_factory=set)
@@ -115,6 +116,7 @@ class ShardWriter:
         self.samples_per_shard, self.target_bytes, self.max_open_s = samples_per_shard, shard_target_bytes, max_open_s
         self.open: dict[str, OpenShard] = {}
         self.units: dict[int, UnitState] = {}
+        self.done_units: set[int] = set()  # a block sent again (a retried task) must not be written twice
         self.sequence = 0
         self.closed = 0
 
@@ -161,13 +163,19 @@ class ShardWriter:
         for unit in done:
             state = self.units.pop(unit)
             write_unit(self.work_dir, unit, state.rows, state.rejects, state.node)
+            self.done_units.add(unit)
         return done
 
     def append(self, table: pa.Table) -> list[int]:
         """Write a block of sample rows; returns the units it completed."""
         for row in table.to_pylist():
             unit = int(row["unit"])
+            if unit in self.done_units:
+                continue
             state = self.units.setdefault(unit, UnitState(int(row["unit_size"]), row.get("node")))
+            if row["key"] in state.keys:
+                continue
+            state.keys.add(row["key"])
             state.seen += 1
             if row["reject_reason"] is not None:
                 state.rejects.append(records.reject_row(row["key"], row["reject_stage"], row["reject_reason"],

@@ -38,11 +38,11 @@ def detect_source_kind(source: str, source_type: str = "auto") -> str:
         raise FileNotFoundError(f"ingest.source does not exist: {source}")
     if storage.is_file(source):
         return _file_kind(source)
-    pending = [source]
+    pending, text_lists = [source], False
     while pending:
         folder = pending.pop(0)
         files, folders = storage.list_entries(folder)
-        names = [name.lower() for name, _ in files]
+        names = [name.lower() for name, _ in files if not name.startswith(("_", "."))]  # markers, hidden files
         if any(n.endswith(IMAGE_EXTENSIONS) for n in names):
             return "folder"
         if any(n.endswith(".tar") for n in names):
@@ -50,9 +50,10 @@ def detect_source_kind(source: str, source_type: str = "auto") -> str:
         parquets = [name for name, _ in files if name.lower().endswith(".parquet")]
         if parquets:
             return "urls" if is_url_list(storage.join(folder, parquets[0])) else "parquet"
-        if any(n.endswith(URL_LIST_SUFFIXES) for n in names):
-            return "urls"
+        text_lists = text_lists or any(n.endswith(URL_LIST_SUFFIXES) for n in names)
         pending += [storage.join(folder, name) for name in folders]
+    if text_lists:  # only when no image, tar or parquet is anywhere: .json files may be sidecars
+        return "urls"
     raise ValueError(f"ingest.source {source} holds no images, .tar shards, .parquet files or URL lists")
 
 

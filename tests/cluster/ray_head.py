@@ -83,6 +83,15 @@ class RayHead:
         except (OSError, http.client.HTTPException):  # not up yet, or not yet speaking HTTP
             return False
 
+    def alive_nodes(self) -> int:
+        """Alive nodes of the cluster, from the head's state API (0 while it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?limit=100", timeout=10) as resp:
+                nodes = json.loads(resp.read())["data"]["result"]["result"]
+        except (OSError, http.client.HTTPException, KeyError, ValueError):
+            return 0
+        return sum(1 for node in nodes if node.get("state") == "ALIVE")
+
     def own_processes(self) -> list[psutil.Process]:
         """This head's processes: descendants of `ray start --block`, and any process naming our temp dir."""
         found = {p.pid: p for p in (descendants(self.proc.pid) if self.proc else [])}
@@ -146,3 +155,29 @@ class RayHead:
             client.stop_job(submission_id)
             raise AssertionError(f"job {submission_id} still {status} after {timeout_s}s:\n{logs[-6000:]}")
         return str(status.value if hasattr(status, "value") else status), logs
+
+
+class RayWorkerNode(RayHead):
+    """A second node joining ``head``: `ray start --address=<head> --block` on 127.0.0.1 with its own temp dir and
+    ports, stopped by process id like the head."""
+
+    def __init__(self, head: RayHead, num_cpus: int = 1, log_dir: Path | None = None):
+        super().__init__(num_cpus, log_dir)
+        self.head = head
+        self.log_path = self.log_path.with_name("ray-worker.log")
+
+    def start(self, timeout_s: float = 180) -> "RayWorkerNode":
+        cmd = [RAY_CLI, "start", f"--address={self.head.address}", "--block", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+               f"--node-manager-port={self.port}", f"--object-manager-port={self.client_port}",
+               f"--dashboard-agent-listen-port={self.agent_port}", f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+               f"--metrics-export-port={self.metrics_port}", f"--runtime-env-agent-port={self.runtime_env_port}",
+               "--object-store-memory=200000000"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: self.head.alive_nodes() >= 2, timeout_s, "the second node in the head's node list",
+                 interval_s=1.0, proc=self.proc, log_path=self.log_path)
+        return self
+

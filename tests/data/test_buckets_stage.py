@@ -103,6 +103,19 @@ def test_tars_are_webdataset_readable_and_byte_deterministic(tmp_path):
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
 
 
+def test_a_block_sent_twice_is_written_once(tmp_path):
+    block = _unit([_raw("x", _encode(8, 8, "PNG", 1)), _raw("y", _encode(8, 8, "PNG", 2))])
+    writer = _writer(tmp_path, per_shard=1)
+    writer.append(block.slice(0, 1))
+    writer.append(block.slice(0, 1))  # a retried task sends its block again
+    writer.append(block)
+    writer.append(block)
+    writer.close()
+    assert len(list((tmp_path / "shards").rglob("*.tar"))) == 2
+    part = records.read_tables([str(tmp_path / "work" / "part-000000.parquet")], records.WORK_SCHEMA)
+    assert part.column("key").to_pylist() == ["x", "y"]
+
+
 def test_member_names_stay_unique_within_a_tar(tmp_path):
     writer = _writer(tmp_path, per_shard=10)
     writer.append(_unit([_raw("a/b", _encode(8, 8, "PNG", 1)), _raw("a_b", _encode(8, 8, "PNG", 2))]))
