@@ -90,18 +90,23 @@ def _leaves(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, 
 
 
 def _leaf_name(path: tuple[str, ...]) -> str:
-    return re.split(r"[/]", path[-1])[-1] if path else ""
+    """The metric's own name: the last key, after the last ``/`` (``loss/psnr`` → psnr)."""
+    return path[-1].rsplit("/", 1)[-1] if path else ""
 
 
 def _label(path: tuple[str, ...]) -> str:
     leaf = _leaf_name(path)
     if leaf in _GENERIC_LEAVES and len(path) > 1:
-        return f"{re.split(r'[/]', path[-2])[-1]}_{leaf}"
+        return f"{path[-2].rsplit('/', 1)[-1]}_{leaf}"
     return leaf
 
 
+def _is_accuracy(leaf: str) -> bool:
+    return "accuracy" in leaf or leaf == "acc"
+
+
 def _is_metric(leaf: str) -> bool:
-    return bool(_METRIC.match(leaf)) or "accuracy" in leaf or leaf in ("acc", "chance") or leaf.endswith("_chance")
+    return bool(_METRIC.match(leaf)) or _is_accuracy(leaf) or leaf == "chance" or leaf.endswith("_chance")
 
 
 def _chance_of(path: tuple[str, ...], numbers: dict[tuple[str, ...], float]) -> tuple[str, ...] | None:
@@ -119,7 +124,7 @@ def _metrics(result: dict) -> tuple[list[tuple[str, str]], int]:
     used: set[tuple[str, ...]] = set()
     accuracies, others = [], []
     for path, value in numbers.items():
-        if "accuracy" in _leaf_name(path) or _leaf_name(path) == "acc":
+        if _is_accuracy(_leaf_name(path)):
             chance = _chance_of(path, numbers)
             text = format_number(value) + (f" (chance {format_number(numbers[chance])})" if chance else "")
             if chance:
@@ -129,7 +134,7 @@ def _metrics(result: dict) -> tuple[list[tuple[str, str]], int]:
     for path, value in numbers.items():
         leaf, label = _leaf_name(path), _label(path)
         # The same label twice (loss and loss/loss) shows once.
-        if path in used or "accuracy" in leaf or leaf == "acc" or label in labels:
+        if path in used or _is_accuracy(leaf) or label in labels:
             continue
         labels.add(label)
         others.append((label, value))
@@ -139,18 +144,13 @@ def _metrics(result: dict) -> tuple[list[tuple[str, str]], int]:
 
 def _group_guidance_scales(items: list[tuple[str, Any]]) -> list[tuple[str, str]]:
     """``fid_cfg1.5, fid_cfg3 ...`` → one entry ``fid (cfg 1.5/3)`` with the values in the same order."""
-    grouped: dict[str, list[tuple[str, Any]]] = {}
-    order: list[str] = []
+    grouped: dict[str, list[tuple[str, Any]]] = {}  # in first-seen order
     for label, value in items:
         match = _CFG_SUFFIX.match(label)
         base = match.group(1) if match else label
-        if base not in grouped:
-            grouped[base] = []
-            order.append(base)
-        grouped[base].append((match.group(2) if match else "", value))
+        grouped.setdefault(base, []).append((match.group(2) if match else "", value))
     out = []
-    for base in order:
-        entries = grouped[base]
+    for base, entries in grouped.items():
         if len(entries) == 1 and not entries[0][0]:
             out.append((base, format_number(entries[0][1])))
         else:
