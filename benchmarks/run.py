@@ -20,7 +20,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-BENCHMARKS = ["data", "data_urls", "data_plan", "sampler", "train", "cache", "serve"]
+BENCHMARKS = ["data", "data_urls", "data_plan", "sampler", "train", "cache", "serve", "load", "serve_fault", "export",
+              "scale_model"]
 
 
 def _format(value) -> str:
