@@ -92,6 +92,10 @@ def main(argv: list[str]) -> int:
         f.write(report)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
+    from benchmarks.performance_table import README, update_readme
+
+    if update_readme(results):
+        print(f"wrote the performance table in {README}")
     return 1 if failed else 0
 
 
