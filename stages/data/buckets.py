@@ -41,6 +41,9 @@ def build_stats(info: dict[str, Any], total: dict[str, Any], shard_totals: dict[
         "num_shards": shard_totals.get("shards", 0),
         "shard_bytes": shard_totals.get("bytes", 0),
         "unreferenced_shard_bytes": shard_totals.get("unreferenced_bytes", 0),
+        "shard_size_mb": finalize.size_quantiles(shard_totals.get("size_mb_hist", {})),
+        "shard_size_mb_hist": {str(k): v for k, v in sorted(shard_totals.get("size_mb_hist", {}).items(),
+                                                              key=lambda kv: int(kv[0]))},
         f"share_smaller_than_{summary.SMALL_SIDE}": shares["share_either_below"],
         "size_summary": shares,
         "units": info.get("units"), "units_by_node": total.get("nodes", {}),
@@ -91,7 +94,7 @@ def refresh_stats(ctx: StageContext) -> dict[str, Any]:
     previous = storage.read_json(stats_uri)
     shard_totals = {"shards": previous["num_shards"], "bytes": previous["shard_bytes"],
                     "unreferenced_bytes": previous["unreferenced_shard_bytes"],
-                    "per_bucket_shards": previous["shards"]}
+                    "per_bucket_shards": previous["shards"], "size_mb_hist": previous.get("shard_size_mb_hist", {})}
     total = layers.current_summary(dataset_dir)
     total["nodes"] = previous.get("units_by_node", {})
     shares = summary.write_plots(dataset_dir, total, ctx.scratch_dir(), ctx.log_artifact)

@@ -140,15 +140,15 @@ def _reader_nodes(parts: list[str]) -> dict[str, int]:
 def index_buckets(buckets: list[str], dataset_dir: str, work_dir: str) -> dict[str, Any]:
     """Step 3 for some buckets (a Ray task): each bucket's index part; totals back."""
     partials = records.list_parts(storage.join(work_dir, PARTIALS_DIR), "shards-")
-    totals = {"shards": 0, "bytes": 0, "unreferenced_bytes": 0, "per_bucket_shards": {}}
+    totals = {"shards": 0, "bytes": 0, "unreferenced_bytes": 0, "per_bucket_shards": {}, "size_mb_hist": {}}
     for bucket in buckets:
         h, w = parse_bucket_name(bucket)
         counts = records.read_tables(partials, PARTIAL_SCHEMA, filters=[("bucket_h", "=", h), ("bucket_w", "=", w)])
         counts = counts.group_by("shard").aggregate([("samples", "sum"), ("referenced_bytes", "sum")])
         listed = {uri: size for uri, size in storage.list_sizes(storage.join(dataset_dir, shards.SHARDS_DIR, bucket),
                                                                 ".tar")}
-        known = dict(zip(counts.column("shard").to_pylist(),
-                         zip(counts.column("samples_sum").to_pylist(), counts.column("referenced_bytes_sum").to_pylist())))
+        known = dict(zip(counts.column("shard").to_pylist(), zip(counts.column("samples_sum").to_pylist(),
+                                                                 counts.column("referenced_bytes_sum").to_pylist())))
         rows = []
         for uri, size in sorted(listed.items()):
             name = f"{shards.SHARDS_DIR}/{bucket}/{uri.replace(chr(92), '/').rsplit('/', 1)[-1]}"
@@ -165,6 +165,9 @@ def index_buckets(buckets: list[str], dataset_dir: str, work_dir: str) -> dict[s
         totals["bytes"] += sum(r["bytes"] for r in rows)
         totals["unreferenced_bytes"] += sum(r["unreferenced_bytes"] for r in rows)
         totals["per_bucket_shards"][bucket] = len(rows)
+        for row in rows:  # shard sizes as a histogram of whole MB: fixed size, however many shards
+            mb = row["bytes"] // 2**20
+            totals["size_mb_hist"][mb] = totals["size_mb_hist"].get(mb, 0) + 1
     return totals
 
 
@@ -205,9 +208,30 @@ def publish(dataset_dir: str, chunk_size: int) -> tuple[dict[str, Any], dict[str
         storage.join(dataset_dir, shards.SHARDS_DIR))[1]))
     _remove_stale(storage.join(dataset_dir, INDEX_NAME),
                   {storage.join(dataset_dir, INDEX_NAME, f"part-{b}.parquet") for b in buckets})
-    shard_totals: dict[str, Any] = {"shards": 0, "bytes": 0, "unreferenced_bytes": 0, "per_bucket_shards": {}}
+    shard_totals: dict[str, Any] = {"shards": 0, "bytes": 0, "unreferenced_bytes": 0, "per_bucket_shards": {},
+                                    "size_mb_hist": {}}
     for part in runner.map_tasks(index_buckets, runner.batches(buckets, 8), dataset_dir, work_dir):
         for key in ("shards", "bytes", "unreferenced_bytes"):
             shard_totals[key] += part[key]
         shard_totals["per_bucket_shards"].update(part["per_bucket_shards"])
+        for mb, n in part["size_mb_hist"].items():
+            shard_totals["size_mb_hist"][mb] = shard_totals["size_mb_hist"].get(mb, 0) + n
     return total, shard_totals
+
+
+def size_quantiles(hist: dict[Any, int]) -> dict[str, int]:
+    """Median, 10th percentile and largest shard size in whole MB, from the size histogram."""
+    counts = sorted((int(mb), n) for mb, n in hist.items())
+    total = sum(n for _, n in counts)
+    if not total:
+        return {"p10": 0, "median": 0, "max": 0}
+
+    def quantile(q: float) -> int:
+        seen = 0
+        for mb, n in counts:
+            seen += n
+            if seen >= q * total:
+                return mb
+        return counts[-1][0]
+
+    return {"p10": quantile(0.1), "median": quantile(0.5), "max": counts[-1][0]}

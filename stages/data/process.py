@@ -68,7 +68,8 @@ def sha256_hex(data: bytes | None) -> str:
 
 def normalize_caption(raw: bytes | str | None, max_chars: int) -> tuple[str, list[str]]:
     """(caption, flags): a missing caption becomes "" (flag `caption_missing`), invalid UTF-8 is decoded with
-    replacement characters (flag `caption_invalid_utf8`), long captions are cut to ``max_chars`` (`caption_truncated`)."""
+    replacement characters (flag `caption_invalid_utf8`), long captions are cut to ``max_chars``
+    (`caption_truncated`)."""
     flags: list[str] = []
     if raw is None:
         return "", ["caption_missing"]

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from stages.data.images import decode_rgb, probe_image, sniff_payload  # noqa: F401  (re-exported: stage code imports them here)
+# Re-exported: stage code and the evaluation import them from here.
+from stages.data.images import decode_rgb, probe_image, sniff_payload  # noqa: F401
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg", "img", "image_bytes", "bytes")

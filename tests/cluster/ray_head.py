@@ -170,7 +170,8 @@ class RayWorkerNode(RayHead):
         cmd = [RAY_CLI, "start", f"--address={self.head.address}", "--block", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                f"--node-manager-port={self.port}", f"--object-manager-port={self.client_port}",
-               f"--dashboard-agent-listen-port={self.agent_port}", f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+               f"--dashboard-agent-listen-port={self.agent_port}",
+               f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
                f"--metrics-export-port={self.metrics_port}", f"--runtime-env-agent-port={self.runtime_env_port}",
                "--object-store-memory=200000000"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

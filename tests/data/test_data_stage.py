@@ -8,11 +8,13 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from stages.data import pipeline as data_pipeline
-from stages.data import records
+from stages.data import process, records
 from tests.data import data_cfg
 from tests.data.corrupt_inputs import EXPECTED, EXPECTED_SIZES, build_corrupt_folder
 
@@ -131,6 +133,52 @@ def test_rerun_redoes_nothing(dataset):
     assert again["units_run"] == 0 and summary["units_run"] == summary["units"] == 5
     with tarfile.open(sorted((out / "shards").rglob("*.tar"))[0]) as tar:
         assert all(m.mtime == 0 for m in tar.getmembers())
+
+
+class FakeScoreActor:
+    """A scorer actor for metadata passes: the aesthetic score is the image's mean pixel / 25 (0..10.2), and
+    images darker than ``min_mean`` fail the threshold."""
+
+    def __init__(self, min_mean: float):
+        self.min_mean = min_mean
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from stages.data import images
+
+        rows = table.to_pylist()
+        for row in rows:
+            if row["reject_reason"] is None:
+                mean = float(np.asarray(images.decode_rgb(row["image"])).mean())
+                row["aesthetic_score"] = mean / 25.0
+                if mean < self.min_mean:
+                    process.reject(row, "filter", "low_aesthetic_score", f"mean {mean:.1f}")
+        return records.table_from_rows(rows, table.schema)
+
+
+def test_a_metadata_pass_adds_columns_and_rejects_without_touching_shards(dataset):
+    """Last in this module: it adds a layer to the shared dataset."""
+    from stages.data import layers
+    from stages.train.data_manifest import read_manifest
+
+    cfg, ctx, _, out = dataset
+    tars = {p: os.stat(p).st_mtime_ns for p in (out / "shards").rglob("*.tar")}
+    before = read_manifest(str(out))
+    assert before["aesthetic_score"].isna().all()
+    result = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
+    after = read_manifest(str(out))
+    assert {p: os.stat(p).st_mtime_ns for p in tars} == tars  # no shard rewritten
+    assert after["aesthetic_score"].notna().all() and len(after) < len(before) == len(KEPT)
+    dropped = set(before["key"]) - set(after["key"])
+    layer_rejects = records.read_tables(sorted(str(p) for p in Path(result["layer"]).glob("rejects-*.parquet")),
+                                        records.REJECT_SCHEMA).to_pylist()
+    assert dropped == {r["key"] for r in layer_rejects} and {r["reason"] for r in layer_rejects} == {
+        "low_aesthetic_score"}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["samples_kept"] == len(after) and stats["accounting"]["ok"]
+    assert stats["rejects_by_reason"]["low_aesthetic_score"] == len(dropped)
+    again = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
+    assert again["layer"] == result["layer"] and again["samples"] == 0  # resumed: nothing left to do
+    assert layers.layer_names(str(out)) == [Path(result["layer"]).name]
 
 
 @pytest.mark.slow

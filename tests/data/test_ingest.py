@@ -1,4 +1,4 @@
-"""Ingest: header sizes with EXIF, caption normalisation, the streaming planner, and reading folder/tar/parquet units."""
+"""Ingest: header sizes with EXIF, caption normalisation, the streaming planner, reading folder/tar/parquet units."""
 
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def test_tar_and_parquet_units(tmp_path):
         ("webdataset", [], 0, 0), ("parquet", [0, 1], 0, 2), ("parquet", [2], 2, 1)]
     tar_rows = stream.read_unit_table(units[0], read_options()).to_pylist()
     assert [(r["key"], r["caption"], r["reject_reason"]) for r in tar_rows] == [
-        ("shard-0/s1", "one", None), ("shard-0/s1#repeat1", None, "repeated_key"), ("shard-0/s2", None, "missing_image"),
-        ("shard-0/s3", "", "duplicate")]  # s3 has s1's bytes
+        ("shard-0/s1", "one", None), ("shard-0/s1#repeat1", None, "repeated_key"),
+        ("shard-0/s2", None, "missing_image"), ("shard-0/s3", "", "duplicate")]  # s3 has s1's bytes
     rows = [r for u in units[1:] for r in stream.read_unit_table(u, read_options()).to_pylist()]
     assert [(r["key"], r["reject_reason"], r["orig_w"]) for r in rows] == [
         ("p/000000000", None, 20), ("p/000000001", "missing_image", None), ("p/000000002", "download_failed", None)]

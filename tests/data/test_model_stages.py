@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from stages.data import process, records
+from stages.data import process
 from stages.data.caption import caption_table
 from tests.data import data_cfg
 from tests.data.corrupt_inputs import EXPECTED, build_corrupt_folder
@@ -56,64 +56,6 @@ def test_caption_failure_is_a_recorded_reject():
     assert [(r["key"], r["reject_reason"]) for r in out] == [("k0", None), ("k1", "caption_failed"), ("k2", None),
                                                              ("k3", "download_failed")]
     assert "model failed" in out[1]["reject_detail"] and out[1]["reject_stage"] == "caption"
-
-
-class FakeScoreActor:
-    """A scorer actor for metadata passes: the aesthetic score is the image's mean pixel / 25 (0..10.2), and
-    images darker than ``min_mean`` fail the threshold."""
-
-    def __init__(self, min_mean: float):
-        self.min_mean = min_mean
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from stages.data import images
-
-        rows = table.to_pylist()
-        for row in rows:
-            if row["reject_reason"] is None:
-                mean = float(np.asarray(images.decode_rgb(row["image"])).mean())
-                row["aesthetic_score"] = mean / 25.0
-                if mean < self.min_mean:
-                    process.reject(row, "filter", "low_aesthetic_score", f"mean {mean:.1f}")
-        return records.table_from_rows(rows, table.schema)
-
-
-@pytest.fixture(scope="module")
-def finished(ray_local, tmp_path_factory):
-    from pipeline.context import StageContext
-    from stages.data import pipeline as data_pipeline
-
-    tmp = tmp_path_factory.mktemp("layers")
-    ctx = StageContext(root=str(tmp / "root"), stage="data", dataset="layers")
-    cfg = data_cfg(**{"ingest.source": str(build_corrupt_folder(tmp / "src")), "ingest.chunk_size": 8})
-    data_pipeline.run(cfg, ctx)
-    return cfg, ctx, Path(ctx.dataset_dir)
-
-
-@pytest.mark.integration
-def test_a_metadata_pass_adds_columns_and_rejects_without_touching_shards(finished):
-    from stages.data import layers
-    from stages.train.data_manifest import read_manifest
-
-    cfg, ctx, out = finished
-    tars = {p: os.stat(p).st_mtime_ns for p in (out / "shards").rglob("*.tar")}
-    before = read_manifest(str(out))
-    assert before["aesthetic_score"].isna().all()
-    result = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
-    after = read_manifest(str(out))
-    assert {p: os.stat(p).st_mtime_ns for p in tars} == tars  # no shard rewritten
-    assert after["aesthetic_score"].notna().all() and len(after) < len(before) == len(KEPT)
-    dropped = set(before["key"]) - set(after["key"])
-    layer_rejects = records.read_tables(sorted(str(p) for p in Path(result["layer"]).glob("rejects-*.parquet")),
-                                        records.REJECT_SCHEMA).to_pylist()
-    assert dropped == {r["key"] for r in layer_rejects} and {r["reason"] for r in layer_rejects} == {
-        "low_aesthetic_score"}
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["samples_kept"] == len(after) and stats["accounting"]["ok"]
-    assert stats["rejects_by_reason"]["low_aesthetic_score"] == len(dropped)
-    again = layers.run_layer(cfg, ctx, "filter", FakeScoreActor, {"min_mean": 100.0}, ["aesthetic_score"])
-    assert again["layer"] == result["layer"] and again["samples"] == 0  # resumed: nothing left to do
-    assert layers.layer_names(str(out)) == [Path(result["layer"]).name]
 
 
 @pytest.mark.slow
