@@ -203,6 +203,11 @@ def train_trial(s: Settings, batch: int, checkpointing: bool) -> dict:
     return result
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def largest_batch(s: Settings, checkpointing: bool, gpu_gb: float, deadline: float) -> tuple[dict | None, list]:
     """Doubling / halving search over power-of-two micro-batches from the plan's guess; (largest run, all tries)."""
     guess = 1
@@ -213,7 +218,9 @@ def largest_batch(s: Settings, checkpointing: bool, gpu_gb: float, deadline: flo
     while 1 <= batch <= s.max_batch and time.monotonic() < deadline:
         try:
             result = train_trial(s, batch, checkpointing)
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # torch.OutOfMemoryError is one; cuBLAS/cuDNN report theirs as RuntimeError
+            if not is_out_of_memory(err):
+                raise
             result = {"batch": batch, "activation_checkpointing": checkpointing, "oom": True}
         _free(torch.device(s.device))
         tried.append(result)

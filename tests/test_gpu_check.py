@@ -91,3 +91,9 @@ def test_the_cuda_serve_config_shares_one_gpu_and_accepts_the_check_request(tmp_
         body = {"prompt": "a horse", "width": 1024, "height": 1024, "steps": 30, "seed": 0, "refiner": refiner}
         request = parse_generate_request(body, settings["limits"], settings["defaults"])
         assert (request.width, request.height, request.steps, request.refiner) == (1024, 1024, 30, refiner)
+
+
+def test_out_of_memory_is_recognised_in_its_several_forms():
+    assert gpu_check.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert gpu_check.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not gpu_check.is_out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
