@@ -174,3 +174,25 @@ def test_dashboard_starts_for_long_stages_and_falls_back_in_one_line(caplog):
                         "starting it without the dashboard"]
     with pytest.raises(ValueError, match="auto, true or false"):
         ray_env.want_dashboard("sometimes", True)
+
+
+def test_ray_data_is_set_to_one_bar_per_dataset_with_its_details_in_the_run_log(tmp_path):
+    import ray.data
+
+    path = logs.open_run_log(logs.run_log_path(str(tmp_path), "data"), "pipeline/run.py stage=data")
+    try:
+        logs.configure_ray_data_output(progress_interval_s=5)
+        context = ray.data.DataContext.get_current()
+        assert context.enable_progress_bars and not context.enable_operator_progress_bars
+        assert not context.execution_options.verbose_progress
+        data_logger = logging.getLogger("ray.data")
+        consoles = [h for h in data_logger.handlers if h.get_name() == "console"]
+        assert len(consoles) == 1 and isinstance(consoles[0], logs.RayDataConsoleHandler)
+        assert consoles[0].interval_s == 5
+        logging.getLogger("ray.data._internal.execution.streaming_executor").info("Execution plan of Dataset x: y")
+    finally:
+        logs.close_run_log()
+    assert path == str(tmp_path / "logs" / "data.log")
+    text = open(path).read()
+    assert "pipeline/run.py stage=data" in text and "Execution plan of Dataset x: y" in text
+    assert not [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.FileHandler)]
