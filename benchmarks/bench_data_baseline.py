@@ -1,7 +1,8 @@
 """The baseline of the folder benchmark: one process, one loop, the data pipeline's per-image work and nothing else.
 
 Per image, as `stage=data` does it (written independently of stages/data, with PIL, hashlib, tarfile and pyarrow):
-read the file and its same-stem caption; open it once for the format, the EXIF-corrected size and the pixel budget;
+read the file and its same-stem caption; open it once for the format, the EXIF-corrected size, the pixel budget and
+the aspect range;
 the decode check (JPEGs at libjpeg's 1/8 DCT scale, which still entropy-decodes every coefficient — the pipeline's
 `filter.decode_check=reduced` default; other formats in full); sha256 of the bytes; the nearest App. I bucket; append
 the bytes and a JSON metadata member to that bucket's tar (1000 samples per tar); one manifest row. At the end: the
@@ -21,6 +22,7 @@ from benchmarks.bench_data_tools import TreeMeter
 
 SAMPLES_PER_SHARD = 1000
 MAX_PIXELS = 178_956_970
+MIN_ASPECT, MAX_ASPECT = 0.25, 4.0
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -57,7 +59,7 @@ def measured_loop(source: str, out_dir: str) -> dict[str, Any]:
                     if int(img.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8):
                         w, h = h, w
                     fmt = img.format
-                    if h * w > MAX_PIXELS:
+                    if h * w > MAX_PIXELS or not MIN_ASPECT <= h / w <= MAX_ASPECT:
                         continue
                     if fmt == "JPEG":
                         img.draft("RGB", (1, 1))

@@ -38,12 +38,13 @@ def member_stem(key: str) -> str:
     return key.replace("/", "_").replace(".", "_").replace("\\", "_")
 
 
-def tar_member(name: str, data: bytes) -> tuple[bytes, bytes]:
-    """(header, data padded to 512 bytes) of one tar member: USTAR, mtime 0, mode 0644, owner 0."""
+def tar_member(name: str, data: bytes | memoryview) -> list[bytes | memoryview]:
+    """[header, data, padding to 512 bytes] of one tar member (USTAR, mtime 0, mode 0644, owner 0). The data is
+    not copied: the writer streams the pieces as they are."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
     header = info.tobuf(format=tarfile.USTAR_FORMAT if len(name) <= 100 else tarfile.PAX_FORMAT)
-    return header, data + b"\0" * (-len(data) % BLOCK)
+    return [header, data, b"\0" * (-len(data) % BLOCK)]
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
@@ -58,15 +59,16 @@ def sample_json(row: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def sample_members(row: dict[str, Any], stem: str) -> tuple[list[bytes], int, int]:
-    """(byte pieces, image data offset within them, total size) of one sample's two members."""
+def sample_members(row: dict[str, Any], stem: str, image: bytes | memoryview | None = None
+                   ) -> tuple[list[bytes | memoryview], int, int]:
+    """(byte pieces, image data offset within them, total size) of one sample's two members; ``image`` (a view into
+    the block's buffer) replaces ``row["image"]``."""
     ext = TAR_FORMATS.get(row["format"])
     if ext is None:
         raise ValueError(f"sample {row['key']!r} has format {row['format']!r}, which a shard cannot hold as is")
-    image_header, image_data = tar_member(f"{stem}.{ext}", row["image"])
-    json_header, json_data = tar_member(f"{stem}.json", sample_json(row))
-    pieces = [image_header, image_data, json_header, json_data]
-    return pieces, len(image_header), sum(len(p) for p in pieces)
+    image_pieces = tar_member(f"{stem}.{ext}", row["image"] if image is None else image)
+    pieces = image_pieces + tar_member(f"{stem}.json", sample_json(row))
+    return pieces, len(image_pieces[0]), sum(len(p) for p in pieces)
 
 
 def tar_bytes(rows: list[dict[str, Any]], stems: list[str]) -> bytes:
@@ -137,23 +139,23 @@ class ShardWriter:
         for unit in shard.units:
             self.units[unit].open_shards.discard(shard.name)
 
-    def _add(self, row: dict[str, Any], state: UnitState, unit: int) -> None:
+    def _add(self, row: dict[str, Any], image: memoryview, state: UnitState, unit: int) -> None:
         bucket = bucket_name((row["bucket_h"], row["bucket_w"]))
         shard = self.open.get(bucket) or self._open_shard(bucket)
         stem, n = member_stem(row["key"]), 1
         while stem in shard.stems:  # two keys that map to one member name: keep both, apart
             stem, n = f"{member_stem(row['key'])}_{n}", n + 1
         shard.stems.add(stem)
-        pieces, image_at, size = sample_members(row, stem)
+        pieces, image_at, size = sample_members(row, stem, image)
         for piece in pieces:
             shard.stream.write(piece)
         location = {"shard": shard.name, "member_key": stem, "image_offset": shard.size + image_at,
-                    "image_size": len(row["image"]), "sample_offset": shard.size, "sample_size": size}
+                    "image_size": len(image), "sample_offset": shard.size, "sample_size": size}
         shard.size += size
         shard.samples += 1
         shard.units.add(unit)
         state.open_shards.add(shard.name)
-        state.rows.append({**{k: v for k, v in row.items() if k != "image"}, **location})
+        state.rows.append({**row, **location})
         if shard.samples >= self.samples_per_shard or shard.size >= self.target_bytes:
             self._close_shard(shard)
 
@@ -168,7 +170,8 @@ class ShardWriter:
 
     def append(self, table: pa.Table) -> list[int]:
         """Write a block of sample rows; returns the units it completed."""
-        for row in table.to_pylist():
+        images = _binary_views(table.column("image"))  # the bytes stay in the block's buffer until written
+        for row, image in zip(table.drop_columns(["image"]).to_pylist(), images):
             unit = int(row["unit"])
             if unit in self.done_units:
                 continue
@@ -181,7 +184,7 @@ class ShardWriter:
                 state.rejects.append(records.reject_row(row["key"], row["reject_stage"], row["reject_reason"],
                                                         row["reject_detail"] or ""))
             else:
-                self._add(row, state, unit)
+                self._add(row, image, state, unit)
         return self.tick()
 
     def tick(self) -> list[int]:
@@ -207,6 +210,20 @@ class ShardWriter:
         for shard in list(self.open.values()):
             shard.stream_cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
         self.open.clear()
+
+
+def _binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
+    """A memoryview of each value of a binary column (None for nulls), without copying the data."""
+    import numpy as np
+
+    views: list[memoryview | None] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        offsets = np.frombuffer(offsets, dtype=np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = memoryview(data) if data is not None else memoryview(b"")
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        views += [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(chunk))]
+    return views
 
 
 def write_unit(work_dir: str, unit: int, rows: list[dict[str, Any]], rejects: list[dict[str, Any]],

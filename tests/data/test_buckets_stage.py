@@ -116,6 +116,13 @@ def test_a_block_sent_twice_is_written_once(tmp_path):
     assert part.column("key").to_pylist() == ["x", "y"]
 
 
+def test_binary_views_read_values_in_place_through_slices_and_nulls():
+    column = pa.chunked_array([pa.array([b"ab", None, b"cde", b""], pa.binary()).slice(1, 3),
+                               pa.array([b"f"], pa.binary())])
+    views = shards._binary_views(column)
+    assert [None if v is None else bytes(v) for v in views] == [None, b"cde", b"", b"f"]
+
+
 def test_member_names_stay_unique_within_a_tar(tmp_path):
     writer = _writer(tmp_path, per_shard=10)
     writer.append(_unit([_raw("a/b", _encode(8, 8, "PNG", 1)), _raw("a_b", _encode(8, 8, "PNG", 2))]))
