@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline import storage
 from sdxl.checkpoint import load_into
-from stages.train.data_manifest import MANIFEST_NAME, dataset_dir_from_cfg, latent_cache_dir
+from stages.train.data_manifest import MANIFEST_NAME, dataset_dir_from_cfg, latent_cache_dir, manifest_fingerprint
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # what ``save_pretrained`` writes for UNets and VAEs
 TASK_KINDS = ("base", "refiner", "vae")
@@ -166,7 +166,7 @@ def data_lineage(cfg) -> dict[str, str]:
     dataset = dataset_dir_from_cfg(cfg)
     manifest = storage.join(dataset, MANIFEST_NAME)
     tags = {"dataset_dir": dataset,
-            "manifest_sha256": file_sha256(manifest) if storage.is_file(manifest) else "missing"}
+            "manifest_sha256": file_sha256(manifest) if storage.is_file(manifest) else manifest_fingerprint(dataset)}
     if bool(cfg.loader.get("cached", False)):
         tags["latent_cache"] = latent_cache_dir(cfg)
     for key in ("filter", "top_k_by"):
