@@ -64,5 +64,6 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict:
     if not captioning_enabled(cfg):
         raise ValueError("stage=caption on an existing dataset re-captions it: set caption.synthetic=true and the "
                          "captioner (captioner.*)")
+    layers.require_dataset(ctx, STAGE)
     return layers.run_layer(cfg, ctx, STAGE, CaptionActor, actor_args(cfg), ["caption_synthetic"])
 

@@ -131,4 +131,5 @@ def run(cfg: DictConfig, ctx: StageContext) -> dict:
     if not scoring_enabled(cfg):
         raise ValueError("stage=filter on an existing dataset re-scores it: set scoring.enabled=true and the score "
                          "models (scoring.*); the image checks themselves run in stage=data")
+    layers.require_dataset(ctx, STAGE)
     return layers.run_layer(cfg, ctx, STAGE, ScoreActor, actor_args(cfg), list(records.SCORE_COLUMNS))

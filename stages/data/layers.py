@@ -211,19 +211,27 @@ def pending_chunks(dataset_dir: str, layer_dir: str) -> list[dict[str, Any]]:
     return chunks
 
 
+def require_dataset(ctx: Any, stage: str) -> str:
+    """The finished dataset's folder; a clear error when there is none."""
+    from stages.data import buckets, ingest
+
+    dataset_dir = ingest.absolute(ctx.dataset_dir)
+    if not storage.exists(storage.join(dataset_dir, buckets.MARKER)):
+        raise FileNotFoundError(f"stage={stage} adds columns to a finished dataset, and {dataset_dir} has none "
+                                f"(run stage=data first)")
+    return dataset_dir
+
+
 def run_layer(cfg: Any, ctx: Any, stage: str, actor_cls: type, actor_args: dict[str, Any],
               columns: list[str]) -> dict[str, Any]:
     """A metadata pass: ``actor_cls(**actor_args)`` over every sample of the current manifest, as a new layer."""
     import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    from stages.data import buckets, ingest
+    from stages.data import buckets
     from stages.data.runner import Resources
 
-    dataset_dir = ingest.absolute(ctx.dataset_dir)
-    if not storage.exists(storage.join(dataset_dir, buckets.MARKER)):
-        raise FileNotFoundError(f"stage={stage} adds columns to a finished dataset, and {dataset_dir} has none "
-                                f"(run stage=data first)")
+    dataset_dir = require_dataset(ctx, stage)
     layer_dir = _layer_dir(dataset_dir, stage, _digest(actor_args))
     storage.makedirs(layer_dir)
     pending = pending_chunks(dataset_dir, layer_dir)

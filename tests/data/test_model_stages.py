@@ -92,3 +92,18 @@ def test_data_stage_with_scorer_and_captioner_actors_then_a_recaption_pass(ray_l
     assert all(isinstance(c, str) and c.strip() for c in recaptioned["caption_synthetic"])
     assert (recaptioned["caption_synthetic"] != manifest["caption_synthetic"]).any()
     assert list(recaptioned["clip_score"]) == list(manifest["clip_score"])  # other columns as they were
+
+
+def test_metadata_passes_say_what_they_need(make_ctx):
+    from stages.data import buckets, caption
+    from stages.data import filter as filter_stage
+
+    ctx = make_ctx("caption")
+    with pytest.raises(ValueError, match="caption.synthetic=true"):
+        caption.run(data_cfg(), ctx)
+    with pytest.raises(ValueError, match="scoring.enabled=true"):
+        filter_stage.run(data_cfg(), ctx)
+    with pytest.raises(FileNotFoundError, match="run stage=data first"):
+        caption.run(data_cfg(**{"caption.synthetic": True}), ctx)
+    with pytest.raises(FileNotFoundError, match="run stage=data first"):
+        buckets.run(data_cfg(), make_ctx("buckets"))
