@@ -9,7 +9,8 @@ most one request timeout.
 
     python benchmarks/load_serve.py [--url URL] [--concurrency 4] [--duration 20]
 
-The same :class:`LoadGenerator` drives the serving fault test (tests/cluster/test_serve_faults.py).
+The same :class:`LoadGenerator` drives the serving fault test (tests/cluster/test_serve_faults.py) and benchmark
+(benchmarks/bench_serve_fault.py); ``python benchmarks/run.py load`` records this test's figures in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def self_started_app(num_cpus: int = 2) -> Iterator[str]:
-    """The tiny-preset app (random weights) on an embedded Ray and a free loopback port; yields its URL."""
+def self_started_app(num_cpus: int = 2, base_replicas: int = 1, app_name: str = "sdxl-load") -> Iterator[str]:
+    """The tiny-preset app (random weights, ``base_replicas`` BaseSampler replicas) on an embedded Ray and a free
+    loopback port; yields its URL."""
     import ray
     from omegaconf import OmegaConf
     from ray import serve
@@ -177,7 +179,8 @@ def self_started_app(num_cpus: int = 2) -> Iterator[str]:
     cfg = OmegaConf.create({"serve": serve_cfg, "model": {"preset": "tiny"}, "train": {"seed": 0},
                             "paths": {"root": os.path.join(_REPO, "outputs")}, "mlflow": {"tracking_uri": None}})
     s = cfg.serve
-    s.port, s.app_name, s.blocking, s.torch_threads, s.refiner_ensemble = _free_port(), "sdxl-load", False, 1, False
+    s.port, s.app_name, s.blocking, s.torch_threads, s.refiner_ensemble = _free_port(), app_name, False, 1, False
+    s.deployments.base.num_replicas = base_replicas
     for name in s.deployments:
         s.deployments[name].ray_actor_options = {"num_cpus": 0.1}
     started_ray = not ray.is_initialized()
