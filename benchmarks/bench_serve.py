@@ -94,29 +94,42 @@ def _throughput(url: str) -> dict:
             "p95_s": _percentile(latencies, 0.95)}
 
 
-def _in_process_runner(cfg):
-    """The serving core without Serve: same weights (same seed), same request, one torch thread."""
+def in_process_generator(cfg):
+    """The serving core without Serve, on the weights ``cfg.serve`` names (loaded as the replicas load them): a
+    function from a request body to the first image, [H, W, 3] uint8, as the app would return it (refiner=false)."""
     import torch
 
-    from sdxl.sampling import SAMPLERS
-    from stages.serve.engine import BaseSamplerCore, DecoderCore, TextEncoderCore, encode_image
+    from stages.serve.app import ingress_settings
+    from stages.serve.engine import BaseSamplerCore, DecoderCore, TextEncoderCore
     from stages.serve.loading import load_text_conditioners, load_unet, load_vae, sources_from_config
-    from stages.serve.schema import defaults_from_config, limits_from_config, parse_generate_request
+    from stages.serve.schema import parse_generate_request
 
-    torch.set_num_threads(1)
+    if cfg.serve.torch_threads:
+        torch.set_num_threads(int(cfg.serve.torch_threads))
     sources = sources_from_config(cfg)
     text, base = TextEncoderCore(*load_text_conditioners(sources)), BaseSamplerCore(load_unet(sources, "base"))
     decoder = DecoderCore(load_vae(sources))
-    limits = limits_from_config(cfg.serve, SAMPLERS, max_pixels=128 * 128)
-    defaults = defaults_from_config(dict(cfg.serve.request_defaults))
+    settings = ingress_settings(cfg)  # the app's own limits and defaults
+
+    def generate(body: dict):
+        req = parse_generate_request(body, settings["limits"], settings["defaults"])
+        if req.refiner:
+            raise ValueError("in_process_generator serves refiner=false requests only")
+        latents = base.sample([(req, text.encode([req])[0])])[0]
+        return decoder.decode([latents])[0][0]
+
+    return generate
+
+
+def _in_process_runner(cfg):
+    """Seconds of one request through the serving core in-process (same weights, same request, PNG encoding)."""
+    from stages.serve.engine import encode_image
+
+    generate = in_process_generator(cfg)
 
     def once(seed: int) -> float:
         started = time.perf_counter()
-        req = parse_generate_request({**OVERHEAD_BODY, "seed": seed}, limits, defaults)
-        encoded = text.encode([req])[0]
-        latents = base.sample([(req, encoded)])[0]
-        images = decoder.decode([latents])[0]
-        encode_image(images[0], "png")
+        encode_image(generate({**OVERHEAD_BODY, "seed": seed}), "png")
         return time.perf_counter() - started
 
     return once

@@ -7,12 +7,16 @@ its artifacts go to s3 under the root.
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.cluster.helpers import (
+    REPO,
     TINY_DATA,
     SMALL_REQUEST,
     check_dataset,
@@ -85,8 +89,10 @@ def test_data_stages_write_the_dataset_to_s3(s3_run, s3_data):
 def s3_training(s3_run, s3_data):
     require_stage("pretrain256")
     s3_data.check()
+    # train.seed=7: the trained UNet starts from another random init than the one `stage=serve` builds without a
+    # checkpoint (serve.seed = train.seed = 0 there), so an image shows which weights were served.
     args = ["preset=tiny", "ray.num_cpus=2", f"paths.root={s3_run['root']}", "train.max_steps=2",
-            "train.checkpoint_every=2", "cluster.num_workers=1"]
+            "train.checkpoint_every=2", "cluster.num_workers=1", "train.seed=7"]
     return run_stage("pretrain256", args, s3_run["logs"] / "pretrain256.log", s3_run["env"], STAGE_TIMEOUT_S)
 
 
@@ -103,16 +109,35 @@ def test_training_checkpoints_and_final_weights_go_to_s3(s3_run, s3_training):
     assert runs and runs[0].info.status == "FINISHED" and "loss" in runs[0].data.metrics
 
 
+def _in_process_image(overrides: list[str], body: dict) -> np.ndarray:
+    """The first image the serving core makes in this process for ``body``, with the config the CLI composes."""
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.bench_serve import in_process_generator
+
+    with initialize_config_dir(config_dir=str(REPO / "pipeline" / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=["preset=tiny", "stage=serve", "serve.torch_threads=1",
+                                                       *overrides])
+    return np.asarray(in_process_generator(cfg)(body), dtype=np.int16)
+
+
 def test_serve_loads_the_checkpoint_from_s3(s3_run, s3_training):
     """A relative serve.checkpoint under an s3:// root exists only in the bucket: each replica copies it from s3, and
-    a folder it cannot find fails the replica, so /health never answers 200 (start_serve then fails)."""
+    a folder it cannot find fails the replica, so /health never answers 200 (start_serve then fails). The served image
+    is the one the serving core makes in-process from the same checkpoint, and not the preset's random-init image."""
     require_stage("serve")
     s3_training.check()
-    proc, url = start_serve([f"paths.root={s3_run['root']}", "serve.checkpoint=runs/pretrain256/final",
-                             "serve.refiner_ensemble=false"], s3_run["logs"] / "serve.log", s3_run["env"])
+    model = [f"paths.root={s3_run['root']}", "serve.checkpoint=runs/pretrain256/final"]
+    proc, url = start_serve([*model, "serve.refiner_ensemble=false"], s3_run["logs"] / "serve.log", s3_run["env"])
     try:
         status, body, content_type = http_status(f"{url}/generate", SMALL_REQUEST, timeout_s=120)
         assert status == 200, body[:500]
         assert content_type == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         stop_tree(proc)
+    served = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
+    from_checkpoint = _in_process_image(model, SMALL_REQUEST)
+    random_init = _in_process_image([f"paths.root={s3_run['root']}"], SMALL_REQUEST)
+    assert served.shape == from_checkpoint.shape == (SMALL_REQUEST["height"], SMALL_REQUEST["width"], 3)
+    assert np.abs(served - from_checkpoint).max() <= 1  # same weights; a float may round the other way
+    assert np.abs(served - random_init).mean() > 2, "the served image is the random-init one: the checkpoint was not served"

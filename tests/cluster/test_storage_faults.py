@@ -2,6 +2,9 @@
 this test starts in a thread, so it can stop it and start it again on the same port with the same buckets) while
 parts are being written. The run must fail cleanly (an error naming the storage problem, no hang) or ride the outage
 out with retries; either way a re-run recovers, and every part a listing shows is a complete, readable object.
+
+The outage must really hit a running stage: the stage process is alive when the server stops, and the finished
+dataset holds more objects than the bucket did at that moment (writes were still to come).
 """
 
 from __future__ import annotations
@@ -82,12 +85,14 @@ def s3(monkeypatch):
         server.stop()
 
 
-def _part_count(s3: RestartableS3, bucket: str, prefix: str) -> int:
+def _output_keys(s3: RestartableS3, bucket: str, prefix: str) -> list[str]:
+    """Objects the stage has written under ``prefix``, its plan excepted ([] while the server is down)."""
     try:
-        page = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-    except Exception:  # noqa: BLE001 - the server is restarting: no count yet
-        return 0
-    return sum(item["Key"].endswith(".parquet") and "/part-" in item["Key"] for item in page.get("Contents", []))
+        pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+    except Exception:  # noqa: BLE001 - the server is restarting: no listing yet
+        return []
+    return [k for k in keys if "/plan/" not in k]
 
 
 def test_s3_outage_during_writes_fails_cleanly_or_retries_and_rerun_recovers(s3, tmp_path):
@@ -101,11 +106,15 @@ def test_s3_outage_during_writes_fails_cleanly_or_retries_and_rerun_recovers(s3,
     args = [*TINY_DATA, f"paths.root={root}", f"ingest.source={source}", "ingest.chunk_size=1"]
     log = tmp_path / "data.log"
 
+    dataset_prefix = "root/data/default/"
     proc = start_stage("data", args, log, env)
     try:
-        wait_for(lambda: _part_count(s3, bucket, "root/data/default/ingest/") >= PARTS_BEFORE_OUTAGE, 300,
-                 f"{PARTS_BEFORE_OUTAGE} ingest parts on s3", interval_s=0.1, proc=proc, log_path=log)
+        wait_for(lambda: len(_output_keys(s3, bucket, dataset_prefix)) >= PARTS_BEFORE_OUTAGE, 300,
+                 f"{PARTS_BEFORE_OUTAGE} objects written under {dataset_prefix}", interval_s=0.1, proc=proc,
+                 log_path=log)
+        written_before_outage = len(_output_keys(s3, bucket, dataset_prefix))
         s3.stop()
+        assert proc.poll() is None, f"the stage had ended (rc={proc.returncode}) before S3 stopped:\n{log_tail(log)}"
         outage_began = time.monotonic()
         while proc.poll() is None and time.monotonic() - outage_began < OUTAGE_S:
             time.sleep(0.5)
@@ -132,4 +141,5 @@ def test_s3_outage_during_writes_fails_cleanly_or_retries_and_rerun_recovers(s3,
         assert check_parts_readable(f"{dataset}/{stage}") > 0
     counts = check_dataset(dataset, demo_keys(source))
     assert counts["kept"] + counts["rejected"] == N_IMAGES
+    assert len(_output_keys(s3, bucket, dataset_prefix)) > written_before_outage, "the outage came after the last write"
     assert mlflow_runs(tracking, "data")[0].info.status == "FINISHED"

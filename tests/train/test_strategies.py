@@ -48,9 +48,10 @@ def test_unknown_strategy_names_the_key():
 @pytest.mark.parametrize("strategy, extra", [
     ("ddp", {}),
     ("fsdp", {"activation_checkpointing": True}),
+    ("deepspeed", {"zero_stage": 1}),
     ("deepspeed", {"zero_stage": 2}),
     ("deepspeed", {"zero_stage": 3}),
-])
+], ids=["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_train_then_resume_matches_a_straight_run(tmp_path, ray_local, strategy, extra):
     from stages.train.trainer import run_training
 
@@ -70,7 +71,10 @@ def test_train_then_resume_matches_a_straight_run(tmp_path, ray_local, strategy,
         info = json.load(f)
     assert info["step"] == 4 and info["stage"] == ctx.stage and info["lineage"]["task"] == "toy"
     with open(os.path.join(second["checkpoint"], "meta.json")) as f:
-        assert json.load(f)["strategy"] == strategy
+        meta = json.load(f)
+    assert meta["strategy"] == strategy
+    if strategy == "deepspeed":
+        assert meta["zero_stage"] == extra["zero_stage"]
 
 
 @pytest.mark.slow
