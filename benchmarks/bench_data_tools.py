@@ -39,7 +39,8 @@ def photo_folder(folder: str, n: int, seed: int = 0, min_side: int = 200, max_si
     noise = rng.normal(0, 4.2, (max_side, max_side, 3)).astype(np.int16)
     total = 0
     for i in range(n):
-        h, w = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+        h = int(rng.integers(min_side, max_side + 1))
+        w = int(rng.integers(max(min_side, h // 4 + 1), min(max_side, 4 * h) + 1))  # within App. I's aspect range
         field = rng.random((h // 24 + 2, w // 24 + 2, 3))
         base = np.asarray(Image.fromarray((field * 255).astype("uint8")).resize((w, h), Image.Resampling.BILINEAR),
                           dtype=np.int16)
