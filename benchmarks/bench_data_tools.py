@@ -79,6 +79,7 @@ class TreeMeter:
 
         self.psutil, self.me = psutil, psutil.Process()
         self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self.torch_pids: set[int] = set()
         self.interval_s = interval_s
         self._stop = threading.Event()
@@ -94,6 +95,8 @@ class TreeMeter:
             try:
                 times = proc.cpu_times()
                 self.cpu[proc.pid] = times.user + times.system
+                if proc.pid not in self.names:
+                    self.names[proc.pid] = _title(proc)
                 if check_torch and proc.pid not in self.torch_pids and any(
                         "libtorch" in m.path for m in proc.memory_maps()):
                     self.torch_pids.add(proc.pid)
@@ -110,10 +113,27 @@ class TreeMeter:
         self._thread.join()
 
     def report(self) -> dict[str, Any]:
+        by_name: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():  # where the CPU went: Ray's processes by their title, workers included
+            by_name[self.names.get(pid, "?")] = round(by_name.get(self.names.get(pid, "?"), 0.0) + cpu, 2)
         return {"wall_s": round(time.perf_counter() - self.started, 3), "cpu_s": round(sum(self.cpu.values()), 3),
+                "cpu_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
                 "processes": len(self.cpu), "processes_with_torch": len(self.torch_pids),
                 "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "driver_imported_torch": "torch" in sys.modules}
+
+
+def _title(proc) -> str:
+    """A process's role: its Ray title (ray::...), else its script or module, else its executable's name."""
+    cmd = proc.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split(" ")[0]
+    for i, part in enumerate(cmd[1:], 1):
+        if part == "-m" and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if part.endswith(".py"):
+            return os.path.basename(part)
+    return proc.name()
 
 
 def run_measured(args: list[str], timeout_s: float = 3600) -> dict[str, Any]:

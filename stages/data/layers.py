@@ -249,7 +249,7 @@ def run_layer(cfg: Any, ctx: Any, stage: str, actor_cls: type, actor_args: dict[
                             compute=ActorPoolStrategy(size=res.concurrency or 1), **res.remote_args())
         ds = ds.map_batches(write_chunk, batch_size=None, batch_format="pyarrow",
                             fn_kwargs={"layer_dir": layer_dir, "columns": columns},
-                            compute=TaskPoolStrategy(size=2), num_cpus=0)  # metadata only: a few ms
+                            compute=TaskPoolStrategy(size=min(2, len(pending))), num_cpus=0)  # metadata only: a few ms
         rows = sum(sum(b.column("rows").to_pylist()) for b in ds.iter_batches(batch_size=None,
                                                                               batch_format="pyarrow"))
     else:

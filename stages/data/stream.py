@@ -147,7 +147,8 @@ def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
                             compute=ActorPoolStrategy(size=res.concurrency or 1), **res.remote_args())
     if models:
         ds = ds.map_batches(forward, batch_size=None, batch_format="pyarrow", fn_kwargs={"writers": writers},
-                            compute=TaskPoolStrategy(size=max(2, n_writers)), num_cpus=0)  # it only waits
+                            # it only waits on a writer: no CPU reserved
+                            compute=TaskPoolStrategy(size=min(len(pending), max(2, n_writers))), num_cpus=0)
     started, last_tick, rows = time.monotonic(), time.monotonic(), 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
