@@ -1,7 +1,8 @@
 """Chained stages (the `demo` workflow) with completion markers, so a re-run skips what is done.
 
-A chain is declarative: `workflow.chain` lists stage names, `workflow.overrides.<stage>` adds overrides for one
-stage. Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user overrides>` would,
+A chain is declarative: `workflow.chain` lists step names, `workflow.overrides.<step>` adds overrides for one
+step. A step is a stage name, or a name `workflow.aliases` maps to a stage (so one stage can run twice with different
+overrides, e.g. `evaluate_vae: evaluate`). Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user overrides>` would,
 and its MLflow run is nested under the workflow's run. A stage is skipped when its marker
 `<root>/workflow/<name>/<stage>.json` records the same config hash and every output it listed, and every output the
 registry expects of it (`StageSpec.outputs`), still exists.
@@ -59,21 +60,24 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     per_stage = OmegaConf.to_container(cfg.workflow.get("overrides") or {}, resolve=True)
     user = list(ctx.extra.get("overrides", []))
     results: dict[str, dict] = {}
-    for stage in chain:
-        extra = [f"paths.root={ctx.root}", *per_stage.get(stage, [])]
+    aliases = cfg.workflow.get("aliases")
+    aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
+    for step in chain:
+        stage = str(aliases.get(step, step))
+        extra = [f"paths.root={ctx.root}", *per_stage.get(step, [])]
         stage_cfg = compose_stage_config(stage, user, extra)
         digest = config_hash(stage_cfg)
-        marker = storage.join(ctx.root, "workflow", name, f"{stage}.json")
+        marker = storage.join(ctx.root, "workflow", name, f"{step}.json")
         expected = get_stage(stage).expected_outputs(stage_cfg)
         if _is_done(marker, digest, expected):
-            log.info("workflow %s: %s is complete, skipping", name, stage)
-            results[stage] = {"skipped": True}
+            log.info("workflow %s: %s is complete, skipping", name, step)
+            results[step] = {"skipped": True}
             continue
-        log.info("workflow %s: running %s", name, stage)
+        log.info("workflow %s: running %s", name, step if step == stage else f"{step} ({stage})")
         result = execute(stage, stage_cfg, overrides=[*user, *extra], parent_run_id=ctx.run_id)
         storage.write_json_atomic(marker, {"config_hash": digest, "finished_at": time.time(),
                                            "outputs": result.get("outputs", []), "result": result})
-        results[stage] = result
+        results[step] = result
     return {"workflow": name, "stages": results}
 
 

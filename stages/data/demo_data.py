@@ -53,6 +53,10 @@ GRADIENT_DIRECTIONS = ("horizontal", "vertical", "diagonal")
 # A gradient runs from the background colour to this fraction of it (a darker shade of the same hue).
 GRADIENT_SHADE = 0.7
 MIN_COLOR_DISTANCE = 80.0
+# Object side as a fraction of the shorter image side: large enough that a 64-128 px training view shows its colour
+# in whole latent cells (8×8 px each), not only in cells it shares with the background.
+OBJECT_SIZE_RANGE = (0.3, 0.55)
+CELL_MARGIN = 1 / 24  # an object centre keeps this far (fraction of the side) from the 3×3 cell borders
 SMALL_SIDE = 256  # the paper's threshold (Fig. 2)
 MIN_ASPECT, MAX_ASPECT = 0.25, 4.0
 POSITION_PHRASES = {
@@ -116,7 +120,7 @@ def sample_params(rng: np.random.Generator, index: int, seed: int, *, max_side: 
     background_kind = str(rng.choice(BACKGROUND_KINDS))
     direction = str(rng.choice(GRADIENT_DIRECTIONS))
     # Object side as a fraction of the shorter image side; the centre keeps the whole object inside the image.
-    size = float(rng.uniform(0.2, 0.5))
+    size = float(rng.uniform(OBJECT_SIZE_RANGE[0], OBJECT_SIZE_RANGE[1]))
     half_x = size * min(h, w) / (2 * w)
     half_y = size * min(h, w) / (2 * h)
     cx = _sample_centre(rng, half_x)
@@ -135,9 +139,13 @@ def sample_params(rng: np.random.Generator, index: int, seed: int, *, max_side: 
 
 
 def _sample_centre(rng: np.random.Generator, half: float) -> float:
-    """A centre coordinate: first a third of the image (so positions are balanced), then a point in it that fits."""
+    """A centre coordinate: first a third of the image (so positions are balanced), then a point in it that fits,
+    kept ``CELL_MARGIN`` inside the third when the object allows, so that no caption names a cell its object only
+    grazes (a label a model, or the prompt-following reader, could not get right from the pixels)."""
     third = int(rng.integers(0, 3))
-    lo, hi = max(third / 3, half), min((third + 1) / 3, 1 - half)
+    lo, hi = max(third / 3 + CELL_MARGIN, half), min((third + 1) / 3 - CELL_MARGIN, 1 - half)
+    if lo > hi:  # a large object in a narrow image: fits only without the margin
+        lo, hi = max(third / 3, half), min((third + 1) / 3, 1 - half)
     return float(rng.uniform(lo, hi))
 
 

@@ -1,5 +1,7 @@
 """Stage `evaluate`: FID, CLIP score and IS of a base checkpoint over guidance scales on held-out prompts (SDXL
 Fig. 12 / Table 2), or with ``evaluate.kind=vae`` the autoencoder's reconstruction metrics (Table 3, vae_eval.py).
+On models trained on the demo data, ``evaluate.prompt_following.enabled=true`` (or ``evaluate.kind=prompt_following``
+alone) adds the known-answer prompt-following score (prompt_following_run.py).
 
     python pipeline/run.py stage=evaluate [evaluate.checkpoint=runs/pretrain256/final/ema | models:/base/3]
         [evaluate.guidance_scales=[1.5,3,5,8]] [evaluate.num_images=5000] [evaluate.fid_weights=torch_fidelity]
@@ -174,15 +176,36 @@ def evaluate_generation(cfg: DictConfig, ctx: StageContext) -> dict:
     return {**summary, **published}
 
 
+def evaluate_prompt_following(cfg: DictConfig, ctx: StageContext) -> dict:
+    """The known-answer prompt-following score of a model trained on demo data (prompt_following_run.py)."""
+    from stages.evaluate import report
+    from stages.evaluate.generate import CheckpointRef
+    from stages.evaluate.prompt_following_run import evaluate_prompt_following as run_score
+
+    summary, files = run_score(cfg, ctx)
+    metrics = {f"prompt_following_{name}": summary[name]
+               for name in ("object_color_accuracy", "background_accuracy", "position_accuracy")}
+    ref = CheckpointRef(summary["source"], tag="prompt_following")
+    published = report.publish(ctx, ref, files, metrics, [], log_to_training=False)
+    grid = published["files"]["prompt_following_grid.png"]
+    headline = {k: summary[k] for k in summary if k not in ("images", "settings")}
+    return {**headline, "grid": grid, "output_dir": published["output_dir"], "files": published["files"]}
+
+
 def run(cfg: DictConfig, ctx: StageContext) -> dict:
     kind = str(cfg.evaluate.get("kind", "base"))
     if kind == "base":
-        return evaluate_generation(cfg, ctx)
+        result = evaluate_generation(cfg, ctx)
+        if bool((cfg.evaluate.get("prompt_following") or {}).get("enabled", False)):
+            result["prompt_following"] = evaluate_prompt_following(cfg, ctx)
+        return result
+    if kind == "prompt_following":
+        return {"prompt_following": evaluate_prompt_following(cfg, ctx)}
     if kind == "vae":
         from stages.evaluate.vae_eval import evaluate_vae
 
         return evaluate_vae(cfg, ctx)
-    raise ValueError(f"evaluate.kind must be 'base' or 'vae', got {kind!r}")
+    raise ValueError(f"evaluate.kind must be 'base', 'prompt_following' or 'vae', got {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------- during training

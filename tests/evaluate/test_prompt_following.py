@@ -1,0 +1,86 @@
+"""The known-answer prompt-following reader: it reads real demo images correctly and nothing else scores by luck."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.data import demo_data as dd
+from stages.evaluate.prompt_following import (CHANCE, PromptSpec, heldout_specs, labelled_grid, read_image, score,
+                                              spec_from_caption, spec_from_params)
+
+
+def _demo_image(index: int, side: int = 64, seed: int = 11) -> tuple[Image.Image, dict]:
+    params = dd.sample_params(np.random.default_rng([seed, index]), index, seed, max_side=512)
+    image = dd.render(params)
+    factor = side / min(image.size)
+    size = (max(8, round(image.size[0] * factor)), max(8, round(image.size[1] * factor)))
+    return image.resize(size, Image.Resampling.BICUBIC), params
+
+
+def test_reader_reads_real_demo_images_at_training_size():
+    pairs = [_demo_image(i) for i in range(120)]
+    result = score([read_image(im) for im, _ in pairs], [spec_from_params(p) for _, p in pairs])
+    assert result["object_color_accuracy"] == 1.0
+    assert result["background_accuracy"] == 1.0
+    assert result["position_accuracy"] >= 0.98
+    assert result["num_images"] == 120
+
+
+def test_reader_finds_no_object_on_a_plain_background():
+    image = Image.new("RGB", (64, 64), dd.BACKGROUND_COLORS["beige"])
+    reading = read_image(image)
+    assert reading.background == "beige"
+    assert reading.object_color is None and reading.row is None
+
+
+def test_reader_sees_a_moved_object_in_its_new_cell():
+    params = {**_demo_image(3)[1], "cx": 0.85, "cy": 0.15, "size": 0.2, "orig_h": 96, "orig_w": 96, "render_scale": 1}
+    reading = read_image(dd.render(params))
+    assert (reading.row, reading.col) == ("top", "right")
+
+
+def test_caption_round_trip_and_other_text():
+    for spec in heldout_specs(60, seed=4):
+        assert spec_from_caption(spec.prompt) == spec
+    assert spec_from_caption("a photograph of an astronaut riding a horse") is None
+    assert spec_from_caption("a white triangle in the bottom right on a purple background") is None  # not the vocab
+
+
+def test_demo_captions_parse_to_their_parameters():
+    for i in range(50):
+        _, params = _demo_image(i)
+        assert spec_from_caption(dd.caption_for(params)) == spec_from_params(params)
+
+
+def test_heldout_specs_exclude_training_captions_and_balance_cells():
+    first = heldout_specs(90, seed=0)
+    excluded = {s.prompt for s in first[:45]}
+    specs = heldout_specs(90, seed=0, exclude_prompts=excluded)
+    assert not excluded & {s.prompt for s in specs}
+    cells = [(s.row, s.col) for s in specs]
+    assert all(cells.count(c) == 10 for c in set(cells)) and len(set(cells)) == 9
+
+
+def test_score_against_wrong_prompts_is_near_chance():
+    pairs = [_demo_image(i, seed=2) for i in range(150)]
+    readings = [read_image(im) for im, _ in pairs]
+    shuffled = [spec_from_params(p) for _, p in pairs]
+    shuffled = shuffled[7:] + shuffled[:7]
+    result = score(readings, shuffled)
+    for name in ("object_color", "background", "position"):
+        assert result[f"{name}_accuracy"] < CHANCE[name] + 0.15
+
+
+def test_score_refuses_mismatched_lengths():
+    with pytest.raises(ValueError):
+        score([read_image(_demo_image(0)[0])], [])
+
+
+def test_labelled_grid_has_a_tile_per_image():
+    pairs = [_demo_image(i) for i in range(10)]
+    specs = [spec_from_params(p) for _, p in pairs]
+    grid = labelled_grid([im for im, _ in pairs], specs, [read_image(im) for im, _ in pairs], columns=5, tile=64)
+    assert grid.size == (5 * 64, 2 * (64 + 30))
+    assert isinstance(specs[0], PromptSpec)
