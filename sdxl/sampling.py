@@ -29,9 +29,9 @@ import torch
 from sdxl.conditioner import Conditioning, base_time_ids, refiner_time_ids
 from sdxl.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, REFINER_T_RANGE, check_conditioning
 from sdxl.guidance import GuidedDenoiser, check_guidance_scale, module_device
+from sdxl.latent_scale import vae_scaling_factor
 
 SAMPLERS = ("euler", "ddim", "dpmpp_2m")
-VAE_SCALE_FACTOR = 0.13025
 LATENT_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
 
@@ -336,13 +336,15 @@ def ensemble_of_experts(base_unet, refiner_unet, base_cond: Conditioning, base_u
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, scale: float = VAE_SCALE_FACTOR) -> torch.Tensor:
-    """Images [B, 3, 8h, 8w] in [0, 1] (float32) from scaled latents, decoding in float32.
+def decode_latents(vae, latents: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Images [B, 3, 8h, 8w] in [0, 1] (float32) from scaled latents, decoding in float32. ``scale``: the latent
+    scale factor; None = the VAE's own ``config.scaling_factor`` (sdxl/latent_scale.py).
 
     SDXL's VAE overflows in fp16 (NaN / black images), so a half-precision VAE is upcast for the call and restored
     afterwards; a NaN left after that raises instead of returning a black image.
     """
     latents = _check_latents(latents)
+    scale = vae_scaling_factor(vae) if scale is None else float(scale)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if not torch.isfinite(latents).all():

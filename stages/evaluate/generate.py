@@ -162,7 +162,7 @@ class Generator:
 
 def build_generator(ref: CheckpointRef, cfg, device: torch.device) -> Generator:
     from sdxl.conditioner import UNCONDITIONAL_ZEROS, resolve_unconditional_kind
-    from sdxl.presets import get_preset
+    from sdxl.latent_scale import vae_scaling_factor
     from stages.train.task_components import build_frozen_parts
 
     unet = load_unet(ref, cfg, device)
@@ -173,7 +173,7 @@ def build_generator(ref: CheckpointRef, cfg, device: torch.device) -> Generator:
         recorded, "base", f"{ref.description} info.json") == UNCONDITIONAL_ZEROS
     ev = cfg.evaluate
     return Generator(unet=unet, vae=frozen.vae, conditioner=frozen.conditioner,
-                     vae_scale_factor=get_preset(str(cfg.model.preset)).vae_scale_factor,
+                     vae_scale_factor=vae_scaling_factor(frozen.vae),
                      resolution=int(ev.resolution), steps=int(ev.steps), sampler=str(ev.sampler), seed=int(ev.seed),
                      sources={"unet": ref.description, "vae": frozen.vae_source, "text": frozen.text_source})
 

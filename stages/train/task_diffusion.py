@@ -22,6 +22,7 @@ from pipeline import storage
 from sdxl.conditioner import (Conditioning, TextEmbeddings, base_time_ids, default_unconditional_kind,
                               drop_text_conditioning, refiner_time_ids)
 from sdxl.diffusion import check_t_range, diffusion_loss
+from sdxl.latent_scale import vae_scaling_factor
 from sdxl.models import build_unet
 from sdxl.presets import get_preset
 from sdxl.sampling import SampleParams, decode_latents, refine_sdedit, sample_base, to_pil
@@ -101,7 +102,7 @@ class DiffusionTask(TrainTask):
             parameters = batch["latent_parameters"].to(self.device)
         else:
             parameters = encode_posterior(self.frozen.vae, batch["pixels"])
-        return sample_posterior(parameters, self.preset.vae_scale_factor, generator)
+        return sample_posterior(parameters, vae_scaling_factor(self.frozen.vae), generator)
 
     def _time_ids(self, batch: dict, size: int) -> torch.Tensor:
         if self.kind == "base":
@@ -186,7 +187,7 @@ class DiffusionTask(TrainTask):
                     latents = refine_sdedit(model, latents, rcond, runcond, strength=strength,
                                             steps=s["steps"], guidance_scale=s["guidance_scale"],
                                             sampler=s["sampler"], seed=s["seed"] + i)
-                images += to_pil(decode_latents(self.frozen.vae, latents, self.preset.vae_scale_factor))
+                images += to_pil(decode_latents(self.frozen.vae, latents))
         finally:
             model.train(was_training)
         return images

@@ -22,6 +22,7 @@ from torch import nn
 
 from sdxl.crops import bucket_crop_resize
 from sdxl.diffusion import make_noise
+from sdxl.latent_scale import measure_scaling_factor
 from sdxl.models import build_vae
 from sdxl.presets import get_preset
 from sdxl.sampling import to_pil
@@ -34,7 +35,7 @@ from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, re
 
 VAE_DEFAULTS = {"recon_loss": "l1", "kl_weight": 1e-6, "lpips_weights": None, "lpips_weight": 1.0,
                 "gan_weight": 0.5, "gan_start_step": 50, "disc_channels": 64, "disc_layers": 3, "disc_lr": 1e-4,
-                "num_samples": 4}
+                "num_samples": 4, "scale_samples": 256}
 
 
 class AutoencoderForTraining(nn.Module):
@@ -168,9 +169,11 @@ class VAETask(TrainTask):
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
-    def _fixed_inputs(self) -> torch.Tensor:
-        """The first ``num_samples`` selected samples (by key), center-cropped at ``loader.resolution``."""
-        samples = select_samples(self.cfg, dataset_dir_from_cfg(self.cfg)).head(int(self.settings["num_samples"]))
+    def _fixed_inputs(self, count: int | None = None) -> torch.Tensor:
+        """The first ``count`` (default ``num_samples``) selected samples (by key), center-cropped at
+        ``loader.resolution``."""
+        count = int(self.settings["num_samples"]) if count is None else int(count)
+        samples = select_samples(self.cfg, dataset_dir_from_cfg(self.cfg)).head(count)
         reader = TarShardReader(dataset_dir_from_cfg(self.cfg))
         size = int(self.cfg.loader.resolution)
         try:
@@ -195,8 +198,18 @@ class VAETask(TrainTask):
         return to_pil((pairs / 2 + 0.5).clamp(0, 1))
 
     def save_pretrained(self, model: nn.Module, out_dir: str) -> None:
+        """The AutoencoderKL folder, with the latent scale factor (1 / std of the latents, LDM's rule) measured on
+        ``scale_samples`` dataset images and recorded in its config for every consumer (sdxl/latent_scale.py)."""
         inner = getattr(model, "module", model)
-        save_module_pretrained(getattr(inner, "vae", inner), out_dir)
+        vae = getattr(inner, "vae", inner)
+        was_training = vae.training
+        vae.eval()
+        try:
+            factor = measure_scaling_factor(vae, self._fixed_inputs(int(self.settings["scale_samples"])))
+        finally:
+            vae.train(was_training)
+        vae.register_to_config(scaling_factor=factor)
+        save_module_pretrained(vae, out_dir)
 
     def lineage_tags(self) -> dict[str, str]:
         tags = {"task": "vae", "preset": self.preset.name, "parent_checkpoint": self.init_path or "scratch",

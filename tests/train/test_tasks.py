@@ -188,6 +188,13 @@ def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
     out = str(tmp_path / "vae")
     task.save_pretrained(model, out)
     assert os.path.isfile(os.path.join(out, "diffusion_pytorch_model.safetensors"))
+    # the saved config carries the latent scale measured on the dataset (1 / std of the posterior means)
+    import json
+
+    from sdxl.latent_scale import measure_scaling_factor
+    saved = json.load(open(os.path.join(out, "config.json")))["scaling_factor"]
+    expected = measure_scaling_factor(model.vae.eval(), task._fixed_inputs(256))
+    assert saved == pytest.approx(expected, rel=1e-6) and saved != pytest.approx(0.13025, rel=0.01)
     child = VAETask(stage_cfg("train_vae", root, overrides=[f"train.init_from={out}"])).build_model()
     assert all(torch.equal(a, b) for a, b in zip(child.state_dict().values(), model.state_dict().values()))
     bad = str(tmp_path / "lpips.safetensors")
