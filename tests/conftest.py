@@ -14,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models on a 2-core machine: one intra-op thread per process is several times faster than two fighting
 # over the cores with Ray workers and other processes (measured: 0.06 s vs 4.6 s per tiny UNet forward under load).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Serve kills a proxy actor that is not ready within 5 s (and fails serve.start with ActorDiedError); starting a
+# worker process takes longer than that on a loaded 2-core machine. Ray workers and CLI children inherit these.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
 
 import pytest  # noqa: E402
 
@@ -42,14 +46,6 @@ def make_ctx(tmp_path):
     return _make
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A local S3-compatible server (moto) on 127.0.0.1 for the session; yields the env that points clients at it.
@@ -58,7 +54,9 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    from tests.ports import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

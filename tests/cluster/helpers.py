@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import psutil
+
+from tests.ports import free_port, free_ports  # noqa: F401 - re-exported for the cluster tests
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -40,22 +41,6 @@ QUIET_ENV = {
 # The tiny preset on an embedded 2-CPU Ray, one actor per data stage: a data run fits beside its driver on 2 cores.
 TINY_DATA = ["preset=tiny", "ray.num_cpus=2", "ingest.concurrency=1", "filter.concurrency=1",
              "buckets.concurrency=1"]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open while choosing, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def child_env(extra: dict | None = None) -> dict:

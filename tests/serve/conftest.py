@@ -4,19 +4,14 @@ cores), on a free loopback port, shut down when the package is done so later tes
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 from omegaconf import OmegaConf
 
+from tests.ports import free_port
+
 SERVE_DEFAULTS = os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf", "serve", "default.yaml")
 APP_NAME = "sdxl-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_config(root: str, port: int, **serve_overrides):

@@ -48,6 +48,14 @@ def test_generate_from_the_playground(serve_app, browser, tmp_path):
         element = browser.find_element(By.ID, field)
         element.clear()
         element.send_keys(value)
+    # Record the request bodies the page sends (the single-image reply's header leaves the prompts out).
+    browser.execute_script("""
+        window.sentBodies = [];
+        const originalFetch = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body) window.sentBodies.push(options.body);
+            return originalFetch(url, options);
+        };""")
     browser.find_element(By.ID, "generate").click()
 
     wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done", "HTTP", "request failed")))
@@ -61,7 +69,9 @@ def test_generate_from_the_playground(serve_app, browser, tmp_path):
     assert shown["parameters"]["refiner_strength"] == 0.5
     assert shown["parameters"]["steps"] == 4 and shown["parameters"]["width"] == 160
     # an empty negative-prompt box sends none: the model's unconditional input, not an encoded ""
-    assert shown["parameters"]["negative_prompt"] is None
+    sent = [json.loads(body) for body in browser.execute_script("return window.sentBodies")]
+    assert len(sent) == 1 and sent[0]["seed"] == 77 and sent[0]["width"] == 160, sent
+    assert "negative_prompt" not in sent[0], sent[0]
     screenshot = tmp_path / "playground.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
     print(f"playground screenshot: {screenshot}")
