@@ -18,6 +18,7 @@ from benchmarks.gpu_check_serve import GPU_SHARES, serve_check_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a Python start plus every section at the tiny preset: ~25 s of the fast subset on 2 cores
 def test_cli_runs_every_section_on_cpu_and_writes_json_and_markdown(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--skip-serve"], cwd=REPO,
@@ -68,12 +69,16 @@ def test_batch_search_doubles_until_oom_or_halves_until_it_fits(monkeypatch, lim
         return {"batch": batch, "samples_per_s": float(batch)}
 
     monkeypatch.setattr(gpu_check, "train_trial", trial)
+    # Memory is released after every trial; recorded here instead of a gc.collect() of the whole test process's heap.
+    freed = []
+    monkeypatch.setattr(gpu_check, "_free", freed.append)
     monkeypatch.setattr(gpu_check, "plan_for", lambda s, batch, ckpt, gb: {"fits": batch <= plan_fits})
     settings = gpu_check.Settings("cpu", "tiny", 64, 5, 1, 2, 256, 60.0)
     best, tried = gpu_check.largest_batch(settings, False, 80.0, deadline=float("inf"))
     assert [t["batch"] for t in tried] == expected_tries
     assert (best or {}).get("batch") == expected_best
     assert [bool(t.get("oom")) for t in tried] == [t["batch"] > limit for t in tried]
+    assert freed == [torch.device("cpu")] * len(tried)
 
 
 def test_the_cuda_serve_config_shares_one_gpu_and_accepts_the_check_request(tmp_path):

@@ -30,6 +30,7 @@ def _eval_loss(unet, latents, cond) -> float:
         return sum(diffusion_loss(unet, latents, cond, generator=generator)[0].item() for _ in range(8)) / 8
 
 
+@pytest.mark.slow  # 150 training steps: ~13 s on 2 cores
 def test_tiny_unet_overfits_one_batch():
     preset = get_preset("tiny")
     # The tiny preset's base layout (text_time conditioning, 3 levels, attention on the lower two) at half width.
