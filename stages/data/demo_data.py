@@ -59,6 +59,11 @@ OBJECT_SIZE_RANGE = (0.3, 0.55)
 CELL_MARGIN = 1 / 24  # an object centre keeps this far (fraction of the side) from the 3×3 cell borders
 SMALL_SIDE = 256  # the paper's threshold (Fig. 2)
 MIN_ASPECT, MAX_ASPECT = 0.25, 4.0
+# Aspect ratios (h/w) as photo collections have them: mostly square and the camera formats, with a log-uniform tail
+# over the whole App. I range so every bucket is exercised. (An all-log-uniform mix made most square training crops
+# cut the object away from where its caption puts it.)
+PHOTO_ASPECTS = {1.0: 0.40, 3 / 4: 0.15, 4 / 3: 0.15, 2 / 3: 0.07, 3 / 2: 0.07, 9 / 16: 0.03, 16 / 9: 0.03}
+ASPECT_TAIL_SHARE = 0.10
 POSITION_PHRASES = {
     ("top", "left"): "in the top left", ("top", "center"): "at the top", ("top", "right"): "in the top right",
     ("middle", "left"): "on the left", ("middle", "center"): "in the center", ("middle", "right"): "on the right",
@@ -92,8 +97,13 @@ def caption_for(params: dict) -> str:
 
 
 def _sample_size(rng: np.random.Generator, small: bool, min_side: int, max_side: int) -> tuple[int, int, float]:
-    """(height, width, aspect) with aspect = h/w log-uniform in [0.25, 4]; small → shorter side below 256 px."""
-    aspect = math.exp(rng.uniform(math.log(MIN_ASPECT), math.log(MAX_ASPECT)))
+    """(height, width, aspect): aspect = h/w from ``PHOTO_ASPECTS`` or, for ``ASPECT_TAIL_SHARE`` of the images,
+    log-uniform in [0.25, 4]; small → shorter side below 256 px."""
+    if rng.random() < ASPECT_TAIL_SHARE:
+        aspect = math.exp(rng.uniform(math.log(MIN_ASPECT), math.log(MAX_ASPECT)))
+    else:
+        weights = np.asarray(list(PHOTO_ASPECTS.values()))
+        aspect = float(rng.choice(list(PHOTO_ASPECTS), p=weights / weights.sum()))
     long_over_short = max(aspect, 1 / aspect)
     if small:
         short = int(rng.integers(min_side, SMALL_SIDE))

@@ -42,9 +42,11 @@ def test_share_below_256_and_aspect_coverage():
     assert 0.35 <= (short < 256).mean() <= 0.45
     assert short.min() >= 64 and long.max() <= 1024
     assert aspects.min() >= 0.25 - 0.01 and aspects.max() <= 4.0 + 0.05
-    # Both extremes and the square middle are populated, in each decade of the log range.
+    # Mostly photo formats (square the most common), and every part of the log range populated by the tail.
+    assert 0.3 <= np.isclose(aspects, 1.0, atol=0.02).mean() <= 0.5
+    assert 0.85 <= ((aspects >= 0.5) & (aspects <= 2.0)).mean() <= 0.98
     hist, _ = np.histogram(np.log(aspects), bins=8, range=(np.log(0.25), np.log(4.0) + 1e-6))
-    assert (hist > 50).all(), hist
+    assert (hist >= 10).all(), hist
     assert all(p["rendered_large"] == (min(p["orig_h"], p["orig_w"]) < 256) for p in params)
     formats = {p["format"] for p in params}
     assert formats == {"PNG", "JPEG"}
@@ -99,9 +101,10 @@ def test_position_names_cover_the_grid():
 
 def _high_frequency_energy(image: Image.Image) -> float:
     """Mean squared high-pass response: a blurred edge spreads its step over many pixels, so its square sums lower."""
-    gray = image.convert("L")
-    sharp = np.asarray(gray, dtype=np.float32)
-    blurred = np.asarray(gray.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+    # Per channel: an object and its background may share a luminance (green on some backgrounds), not a colour.
+    rgb = image.convert("RGB")
+    sharp = np.asarray(rgb, dtype=np.float32)
+    blurred = np.asarray(rgb.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
     return float(((sharp - blurred) ** 2).mean())
 
 
