@@ -27,6 +27,8 @@ if _REPO not in sys.path:
 
 import torch  # noqa: E402
 
+from sdxl.presets import get_preset  # noqa: E402
+
 PROMPT = "a red cube on a wooden table"
 SIZE, BASE_STEPS, REFINER_STEPS, STRENGTH, GUIDANCE, SEED = 64, 3, 8, 0.25, 5.0, 7
 
@@ -102,7 +104,8 @@ def _measure() -> dict:
         refiner_text = TextConditioner(None, None, tok_g, text_g, kind="refiner")
 
         cond, uncond = base_text.encode_for_sampling(PROMPT, original_size=(SIZE, SIZE))
-        params = SampleParams(height=SIZE, width=SIZE, steps=BASE_STEPS, guidance_scale=GUIDANCE, seed=SEED)
+        params = SampleParams(height=SIZE, width=SIZE, steps=BASE_STEPS, guidance_scale=GUIDANCE, seed=SEED,
+                              latent_downsample=get_preset("tiny").vae_downsample)
         ours = decode_latents(modules["vae"], sample_base(modules["base"], cond, uncond, params))
         theirs = load_pipeline(str(out / "diffusers" / "base"))(
             prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=BASE_STEPS, guidance_scale=GUIDANCE,
@@ -110,10 +113,11 @@ def _measure() -> dict:
         base_levels = (ours - theirs).abs().max().item() * 255
 
         rcond, runcond = refiner_text.encode_for_sampling(PROMPT, original_size=(SIZE, SIZE))
-        latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+        down = get_preset("tiny").vae_downsample
+        latents = torch.randn(1, 4, SIZE // down, SIZE // down, generator=torch.Generator().manual_seed(3))
         ours = decode_latents(modules["vae"], refine_sdedit(modules["refiner"], latents, rcond, runcond,
                                                             strength=STRENGTH, steps=REFINER_STEPS, seed=SEED,
-                                                            guidance_scale=GUIDANCE))
+                                                            guidance_scale=GUIDANCE, latent_downsample=down))
         theirs = load_pipeline(str(out / "diffusers" / "refiner"))(
             prompt=PROMPT, image=latents, strength=STRENGTH, num_inference_steps=REFINER_STEPS,
             guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED), output_type="pt").images

@@ -50,10 +50,11 @@ def _components():
 
 
 def _ours(parts, sampler: str):
+    from sdxl.latent_scale import vae_downsample
     from sdxl.sampling import SampleParams, sample_base
 
     params = SampleParams(height=HEIGHT, width=WIDTH, steps=STEPS, guidance_scale=GUIDANCE, sampler=sampler,
-                          seed=SEED)
+                          seed=SEED, latent_downsample=vae_downsample(parts["vae"]))
     return lambda: sample_base(parts["unet"], parts["cond"], parts["uncond"], params)
 
 

@@ -107,7 +107,8 @@ def in_process_generator(cfg):
     if cfg.serve.torch_threads:
         torch.set_num_threads(int(cfg.serve.torch_threads))
     sources = sources_from_config(cfg)
-    text, base = TextEncoderCore(*load_text_conditioners(sources)), BaseSamplerCore(load_unet(sources, "base"))
+    text = TextEncoderCore(*load_text_conditioners(sources))
+    base = BaseSamplerCore(load_unet(sources, "base"), sources.latent_downsample())
     decoder = DecoderCore(load_vae(sources))
     settings = ingress_settings(cfg)  # the app's own limits and defaults
 

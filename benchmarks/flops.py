@@ -68,7 +68,7 @@ def vae_flops(preset: str, resolution: int, part: str) -> int:
         pixels = torch.zeros(1, 3, resolution, resolution, device=META)
         return count_flops(lambda: vae.encode(pixels))
     if part == "decode":
-        side = resolution // 8
+        side = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
         latents = torch.zeros(1, vae.config.latent_channels, side, side, device=META)
         return count_flops(lambda: vae.decode(latents))
     raise ValueError(f"part must be 'encode' or 'decode', got {part!r}")

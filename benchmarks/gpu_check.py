@@ -261,6 +261,7 @@ def train_section(s: Settings, forward_flops: int, peak_tflops: float | None, gp
 def sampler_section(s: Settings) -> dict:
     from omegaconf import OmegaConf
 
+    from sdxl.latent_scale import vae_downsample
     from sdxl.sampling import SampleParams, decode_latents, refine_sdedit, sample_base
 
     device = torch.device(s.device)
@@ -274,12 +275,16 @@ def sampler_section(s: Settings) -> dict:
     _, rcond = random_conditioning(s.preset, "refiner", 1, device, s.resolution)
     uncond, runcond = (type(c)(torch.zeros_like(c.context), torch.zeros_like(c.pooled), c.time_ids)
                        for c in (cond, rcond))
-    params = SampleParams(height=s.resolution, width=s.resolution, steps=s.sampler_steps, seed=0)
+    down = vae_downsample(vae)
+    params = SampleParams(height=s.resolution, width=s.resolution, steps=s.sampler_steps, seed=0,
+                          latent_downsample=down)
     with torch.no_grad():
-        sample_base(base, cond, uncond, SampleParams(height=s.resolution, width=s.resolution, steps=2))  # warm-up
+        sample_base(base, cond, uncond, SampleParams(height=s.resolution, width=s.resolution, steps=2,
+                                                     latent_downsample=down))  # warm-up
         latents, base_s = _timed(device, lambda: sample_base(base, cond, uncond, params))
         _, refine_s = _timed(device, lambda: refine_sdedit(refiner, latents, rcond, runcond, strength=strength,
-                                                           steps=s.sampler_steps, seed=0))
+                                                           steps=s.sampler_steps, seed=0,
+                                                           latent_downsample=down))
         decode_latents(vae, latents)  # warm-up
         images, decode_s = _timed(device, lambda: decode_latents(vae, latents))
     if images.shape[-2:] != (s.resolution, s.resolution):

@@ -16,6 +16,11 @@ import torch
 from sdxl.presets import SDXL_VAE_SCALE_FACTOR as DEFAULT_SCALING_FACTOR  # SDXL's public VAE
 
 
+def vae_downsample(vae) -> int:
+    """Pixels per latent along a side: 2 per level of the VAE after the first (SDXL's: 8; the tiny preset's: 4)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def vae_scaling_factor(vae) -> float:
     """The factor recorded in ``vae.config.scaling_factor`` (SDXL's 0.13025 when the config lacks it)."""
     config = getattr(vae, "config", None)

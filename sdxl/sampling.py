@@ -31,7 +31,7 @@ from sdxl.diffusion import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, REFINER_T_
 from sdxl.guidance import GuidedDenoiser, check_guidance_scale, module_device
 from sdxl.latent_scale import vae_scaling_factor
 
-SAMPLERS = ("euler", "ddim", "dpmpp_2m")
+SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m")
 LATENT_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
 
@@ -83,10 +83,12 @@ class SampleParams:
     negative_original_size: tuple[int, int] | None = None
     negative_crop_coords: tuple[int, int] | None = None
     negative_target_size: tuple[int, int] | None = None
+    latent_downsample: int = LATENT_DOWNSAMPLE  # pixels per latent of the VAE that decodes (vae_downsample(vae))
 
     def __post_init__(self):
-        self.height = _check_int(self.height, "height", 1, LATENT_DOWNSAMPLE)
-        self.width = _check_int(self.width, "width", 1, LATENT_DOWNSAMPLE)
+        self.latent_downsample = _check_int(self.latent_downsample, "latent_downsample", 1)
+        self.height = _check_int(self.height, "height", 1, self.latent_downsample)
+        self.width = _check_int(self.width, "width", 1, self.latent_downsample)
         _check_run_fields(self)
         size = (self.height, self.width)
         self.original_size = _check_pair(self.original_size or size, "original_size", 1)
@@ -118,11 +120,16 @@ def _check_run_fields(params) -> None:
 
 
 def make_scheduler(name: str):
-    """A fresh diffusers scheduler for ``name`` ("euler" | "ddim" | "dpmpp_2m") on SDXL's training schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    """A fresh diffusers scheduler for ``name`` ("euler" | "euler_a" | "ddim" | "dpmpp_2m") on SDXL's training
+    schedule. ``euler_a`` (ancestral: fresh noise each step, drawn from the sampling seed) forgives a briefly trained
+    model's errors that the deterministic samplers carry along (docs/decisions.md, "The tiny recipe")."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
 
     if name == "euler":
         return EulerDiscreteScheduler(**SDXL_SCHEDULE_CONFIG, interpolation_type="linear", use_karras_sigmas=False)
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler(**SDXL_SCHEDULE_CONFIG)
     if name == "ddim":
         return DDIMScheduler(**SDXL_SCHEDULE_CONFIG, clip_sample=False, set_alpha_to_one=False)
     if name == "dpmpp_2m":
@@ -178,7 +185,7 @@ def _base_cond_pair(cond, uncond, params: SampleParams):
 
 def _run_base(unet, cond, uncond, params: SampleParams, latents, denoising_end: float | None):
     cond, uncond, batch = _base_cond_pair(cond, uncond, params)
-    shape = (batch, LATENT_CHANNELS, params.height // LATENT_DOWNSAMPLE, params.width // LATENT_DOWNSAMPLE)
+    shape = (batch, LATENT_CHANNELS, params.height // params.latent_downsample, params.width // params.latent_downsample)
     generator = torch.Generator("cpu").manual_seed(params.seed)
     if latents is None:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32)
@@ -226,9 +233,11 @@ class RefinerParams:
     negative_aesthetic_score: float = 2.5
     negative_original_size: tuple[int, int] | None = None
     negative_crop_coords: tuple[int, int] | None = None
+    latent_downsample: int = LATENT_DOWNSAMPLE  # pixels per latent (for the default original_size)
 
     def __post_init__(self):
         _check_run_fields(self)
+        self.latent_downsample = _check_int(self.latent_downsample, "latent_downsample", 1)
         for name in ("original_size", "negative_original_size"):
             if getattr(self, name) is not None:
                 setattr(self, name, _check_pair(getattr(self, name), name, 1))
@@ -240,7 +249,8 @@ class RefinerParams:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
 
     def cond_pair(self, cond, uncond, latents: torch.Tensor):
-        size = self.original_size or (latents.shape[-2] * LATENT_DOWNSAMPLE, latents.shape[-1] * LATENT_DOWNSAMPLE)
+        size = self.original_size or (latents.shape[-2] * self.latent_downsample,
+                                      latents.shape[-1] * self.latent_downsample)
         check_conditioning(cond, latents.shape[0], "refiner cond")
         cond = _with_time_ids(cond, refiner_time_ids(size, self.crop_coords, self.aesthetic_score, latents.shape[0]))
         if uncond is not None:
@@ -317,7 +327,8 @@ def ensemble_of_experts(base_unet, refiner_unet, base_cond: Conditioning, base_u
                             seed=params.seed, original_size=params.original_size, crop_coords=params.crop_coords,
                             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                             negative_original_size=params.negative_original_size,
-                            negative_crop_coords=params.negative_crop_coords)
+                            negative_crop_coords=params.negative_crop_coords,
+                            latent_downsample=params.latent_downsample)
     handover = _run_base(base_unet, base_cond, base_uncond, params, latents, denoising_end=high_noise_frac)
     cond, uncond = refiner.cond_pair(refiner_cond, refiner_uncond, handover)
     device = module_device(refiner_unet)

@@ -17,6 +17,7 @@ from pipeline.context import StageContext
 from sdxl.conditioner import TextConditioner
 from sdxl.diffusers_folder import load_pipeline
 from sdxl.models import build_components, build_text_encoders, build_unet, build_vae
+from sdxl.presets import get_preset
 from sdxl.sampling import SampleParams, decode_latents, refine_sdedit, sample_base
 from sdxl.single_file import load_single_file
 from sdxl.tokenizers import load_tokenizers
@@ -25,6 +26,7 @@ from stages.export import resolve_sources, run
 CONF = Path(__file__).resolve().parents[1] / "pipeline" / "conf"
 PROMPT = "a red cube on a wooden table"
 SIZE = 64
+DOWN = get_preset("tiny").vae_downsample  # pixels per latent
 MAX_PIXEL_ERROR = 1 / 255
 
 
@@ -119,7 +121,7 @@ def test_exported_base_generates_what_our_sampler_generates(exported, text_side)
     torch.testing.assert_close(pooled, cond.pooled)
     assert not neg_embeds.any() and not neg_pooled.any()
 
-    params = SampleParams(height=SIZE, width=SIZE, steps=3, guidance_scale=5.0, seed=7)
+    params = SampleParams(height=SIZE, width=SIZE, steps=3, guidance_scale=5.0, seed=7, latent_downsample=DOWN)
     ours = decode_latents(modules["vae"], sample_base(modules["base"], cond, uncond, params))
     theirs = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=3, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(7), output_type="pt").images
@@ -149,10 +151,10 @@ def test_exported_refiner_img2img_matches_our_sdedit(exported, text_side):
     torch.testing.assert_close(neg_embeds, uncond.context)
     torch.testing.assert_close(neg_pooled, uncond.pooled)
     assert neg_embeds.any()
-    base_latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    base_latents = torch.randn(1, 4, SIZE // DOWN, SIZE // DOWN, generator=torch.Generator().manual_seed(3))
     kwargs = {"strength": 0.25, "guidance_scale": 5.0}
     ours = decode_latents(modules["vae"], refine_sdedit(modules["refiner"], base_latents, cond, uncond, steps=8,
-                                                        seed=5, **kwargs))
+                                                        seed=5, latent_downsample=DOWN, **kwargs))
     theirs = pipe(prompt=PROMPT, image=base_latents, num_inference_steps=8, generator=torch.Generator().manual_seed(5),
                   output_type="pt", **kwargs).images
     assert theirs.shape == ours.shape

@@ -186,6 +186,7 @@ def generate_batches(gen: Generator, prompts: list[str], guidance_scale: float,
     Batch ``i`` is seeded with ``seed + i``, the same at every scale, so scales differ only in guidance. Micro-
     conditioning is the evaluation size with crop (0, 0), as at inference; the negative side is the model's
     unconditional input (no negative prompt)."""
+    from sdxl.latent_scale import vae_downsample
     from sdxl.sampling import SampleParams, decode_latents, sample_base
 
     if batch_size < 1:
@@ -195,7 +196,8 @@ def generate_batches(gen: Generator, prompts: list[str], guidance_scale: float,
         batch = prompts[start:start + batch_size]
         cond, uncond = gen.conditioner.encode_for_sampling(batch, original_size=size, target_size=size)
         params = SampleParams(height=size[0], width=size[1], steps=gen.steps, guidance_scale=float(guidance_scale),
-                              sampler=gen.sampler, seed=gen.seed + index)
+                              sampler=gen.sampler, seed=gen.seed + index,
+                              latent_downsample=vae_downsample(gen.vae))
         latents = sample_base(gen.unet, cond, uncond, params)
         yield decode_latents(gen.vae, latents, gen.vae_scale_factor).cpu(), list(batch)
 

@@ -99,7 +99,7 @@ class TextEncoder(_Batched):
 class BaseSampler(_Batched):
     def __init__(self, sources: ModelSources, batching: dict, num_threads: int | None = None):
         _configure_threads(num_threads)
-        self.core = BaseSamplerCore(load_unet(sources, "base"))
+        self.core = BaseSamplerCore(load_unet(sources, "base"), sources.latent_downsample())
         self._setup_batching(batching, self._sample_batch)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -107,7 +107,8 @@ class BaseSampler(_Batched):
         return await self._run(self.core.sample, jobs)
 
     async def sample(self, request, encoded):
-        """(GenerateRequest, EncodedPrompt) → latents [num_images, 4, H/8, W/8] (CPU, float32)."""
+        """(GenerateRequest, EncodedPrompt) → latents [num_images, 4, H/d, W/d] (CPU, float32; d: the VAE's
+        pixels per latent)."""
         return _raise_if_error(await self._sample_batch((request, encoded)))
 
 
@@ -117,7 +118,7 @@ class Refiner(_Batched):
                  ensemble: bool = True):
         _configure_threads(num_threads)
         base = load_unet(sources, "base") if ensemble else None
-        self.core = RefinerCore(load_unet(sources, "refiner"), base)
+        self.core = RefinerCore(load_unet(sources, "refiner"), base, sources.latent_downsample())
         self._setup_batching(batching, self._refine_batch)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
@@ -141,5 +142,5 @@ class Decoder(_Batched):
         return await self._run(self.core.decode, latents_list)
 
     async def decode(self, latents):
-        """Latents [n, 4, h, w] → uint8 images [n, 8h, 8w, 3]."""
+        """Latents [n, 4, h, w] → uint8 images [n, d·h, d·w, 3] (d: the VAE's pixels per latent)."""
         return _raise_if_error(await self._decode_batch(latents))

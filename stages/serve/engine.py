@@ -90,9 +90,10 @@ def _cpu(cond: Conditioning) -> Conditioning:
     return cond.to(device="cpu", dtype=torch.float32)
 
 
-def _noise(requests: Sequence[GenerateRequest]) -> torch.Tensor:
-    """Unit-variance initial noise, one seed per image (``seed + k``), concatenated over requests."""
-    shapes = [(1, LATENT_CHANNELS, r.height // LATENT_DOWNSAMPLE, r.width // LATENT_DOWNSAMPLE) for r in requests]
+def _noise(requests: Sequence[GenerateRequest], down: int) -> torch.Tensor:
+    """Unit-variance initial noise, one seed per image (``seed + k``), concatenated over requests; ``down`` is the
+    VAE's pixels per latent."""
+    shapes = [(1, LATENT_CHANNELS, r.height // down, r.width // down) for r in requests]
     return torch.cat([initial_noise(shape, s) for r, shape in zip(requests, shapes) for s in r.seeds])
 
 
@@ -100,10 +101,11 @@ def _split(latents: torch.Tensor, requests: Sequence[GenerateRequest]) -> list[t
     return list(torch.split(latents.detach().to("cpu", torch.float32), [r.num_images for r in requests]))
 
 
-def sample_params(req: GenerateRequest) -> SampleParams:
+def sample_params(req: GenerateRequest, latent_downsample: int = LATENT_DOWNSAMPLE) -> SampleParams:
     return SampleParams(height=req.height, width=req.width, steps=req.steps, guidance_scale=req.guidance_scale,
                         sampler=req.sampler, seed=req.seed, original_size=req.original_size,
-                        crop_coords=req.crop_coords, target_size=req.target_size)
+                        crop_coords=req.crop_coords, target_size=req.target_size,
+                        latent_downsample=latent_downsample)
 
 
 def _micro_key(req: GenerateRequest) -> tuple:
@@ -144,10 +146,12 @@ class TextEncoderCore:
 
 
 class BaseSamplerCore:
-    """Text conditioning → base latents [num_images, 4, H/8, W/8] per request (the whole schedule)."""
+    """Text conditioning → base latents [num_images, 4, H/d, W/d] per request (the whole schedule); d is the VAE's
+    pixels per latent (``latent_downsample``: 8 for SDXL's, 4 for the tiny preset's)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, latent_downsample: int = LATENT_DOWNSAMPLE):
         self.unet = unet
+        self.latent_downsample = int(latent_downsample)
 
     @torch.no_grad()
     def _sample_group(self, jobs: list[tuple[GenerateRequest, EncodedPrompt]]) -> list[torch.Tensor]:
@@ -155,7 +159,8 @@ class BaseSamplerCore:
         repeats = [req.num_images for req in requests]
         cond = _cat([enc.base_cond for _, enc in jobs], repeats)
         uncond = _cat([enc.base_uncond for _, enc in jobs], repeats)
-        latents = sample_base(self.unet, cond, uncond, sample_params(requests[0]), latents=_noise(requests))
+        down = self.latent_downsample
+        latents = sample_base(self.unet, cond, uncond, sample_params(requests[0], down), latents=_noise(requests, down))
         return _split(latents, requests)
 
     def sample(self, jobs: Sequence[tuple[GenerateRequest, EncodedPrompt]]) -> list:
@@ -166,7 +171,8 @@ class RefinerCore:
     """The refiner stage: SDEdit on base latents, or the ensemble-of-experts hand-off (which also needs the base
     UNet, since the hand-over happens inside one sampler loop: ``sdxl.sampling.ensemble_of_experts``)."""
 
-    def __init__(self, refiner_unet, base_unet=None):
+    def __init__(self, refiner_unet, base_unet=None, latent_downsample: int = LATENT_DOWNSAMPLE):
+        self.latent_downsample = int(latent_downsample)
         self.refiner_unet = refiner_unet
         self.base_unet = base_unet
 
@@ -196,8 +202,9 @@ class RefinerCore:
             self.base_unet, self.refiner_unet,
             _cat([e.base_cond for _, e, _ in jobs], repeats), _cat([e.base_uncond for _, e, _ in jobs], repeats),
             _cat([e.refiner_cond for _, e, _ in jobs], repeats), _cat([e.refiner_uncond for _, e, _ in jobs], repeats),
-            sample_params(first), high_noise_frac=first.high_noise_frac, aesthetic_score=first.aesthetic_score,
-            negative_aesthetic_score=first.negative_aesthetic_score, latents=_noise(requests))
+            sample_params(first, self.latent_downsample), high_noise_frac=first.high_noise_frac,
+            aesthetic_score=first.aesthetic_score, negative_aesthetic_score=first.negative_aesthetic_score,
+            latents=_noise(requests, self.latent_downsample))
         return _split(latents, requests)
 
     def _run_group(self, jobs) -> list[torch.Tensor]:

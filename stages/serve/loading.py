@@ -64,6 +64,12 @@ class ModelSources:
         # Half precision only pays off on an accelerator; on CPU it is slow and poorly supported.
         return _DTYPES[self.dtype] if self.torch_device().type == "cuda" else torch.float32
 
+    def latent_downsample(self) -> int:
+        """The VAE's pixels per latent: the preset's (load_vae refuses a VAE that does not fit the preset)."""
+        from sdxl.presets import get_preset
+
+        return get_preset(self.preset).vae_downsample
+
 
 def sources_from_config(cfg, tracking_uri: str | None = None) -> ModelSources:
     """ModelSources from ``cfg.serve`` (+ ``cfg.paths.root``). ``serve.model_uri`` and friends take precedence over

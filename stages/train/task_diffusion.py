@@ -22,7 +22,7 @@ from pipeline import storage
 from sdxl.conditioner import (Conditioning, TextEmbeddings, base_time_ids, default_unconditional_kind,
                               drop_text_conditioning, refiner_time_ids)
 from sdxl.diffusion import check_t_range, diffusion_loss
-from sdxl.latent_scale import vae_scaling_factor
+from sdxl.latent_scale import vae_downsample, vae_scaling_factor
 from sdxl.models import build_unet
 from sdxl.presets import get_preset
 from sdxl.sampling import SampleParams, decode_latents, refine_sdedit, sample_base, to_pil
@@ -67,6 +67,7 @@ class DiffusionTask(TrainTask):
             log.warning("refiner trained on t_range=%s; SDXL uses [0, 200)", self.t_range)
         self.offset_noise = float(task_option(cfg, "offset_noise"))
         self.ucg_rate = float(task_option(cfg, "ucg_rate"))
+        self.ucg_joint = bool(task_option(cfg, "ucg_joint"))
         self.cached = bool(cfg.loader.get("cached", False))
         self.init_path = resolve_init_from(cfg)  # fails early, naming the path, when the parent is missing
         self.device = torch.device("cpu")
@@ -116,12 +117,13 @@ class DiffusionTask(TrainTask):
                       else {"aesthetic_score": batch["aesthetic_score"]})
             return self.frozen.conditioner.encode_for_training(
                 list(batch["captions"]), batch["original_size"], batch["crop_coords"], ucg_rate=self.ucg_rate,
-                generator=generator, **kwargs)
+                generator=generator, ucg_joint=self.ucg_joint, **kwargs)
         # Cached embeddings are the base's CLIP-L ‖ bigG context; the refiner uses the bigG part only.
         context, pooled = batch["context"].to(self.device), batch["pooled"].to(self.device)
         text = self._split_cached(context, pooled)
         if self.ucg_rate > 0:
-            text = drop_text_conditioning(text, self._cached_unconditional(context, pooled), self.ucg_rate, generator)
+            text = drop_text_conditioning(text, self._cached_unconditional(context, pooled), self.ucg_rate, generator,
+                                          joint=self.ucg_joint)
         return Conditioning(context=text.context, pooled=text.pooled_g, time_ids=self._time_ids(batch, len(pooled)))
 
     def _split_cached(self, context: torch.Tensor, pooled: torch.Tensor) -> TextEmbeddings:
@@ -171,7 +173,8 @@ class DiffusionTask(TrainTask):
         try:
             for i, prompt in enumerate(s["prompts"]):
                 params = SampleParams(height=size[0], width=size[1], steps=s["steps"],
-                                      guidance_scale=s["guidance_scale"], sampler=s["sampler"], seed=s["seed"] + i)
+                                      guidance_scale=s["guidance_scale"], sampler=s["sampler"], seed=s["seed"] + i,
+                                      latent_downsample=vae_downsample(self.frozen.vae))
                 if self.kind == "base":
                     cond, uncond = self.frozen.conditioner.encode_for_sampling(prompt, original_size=size,
                                                                                 target_size=size)
@@ -186,7 +189,8 @@ class DiffusionTask(TrainTask):
                     strength = max(s["refiner_strength"], 1.0 / s["steps"])
                     latents = refine_sdedit(model, latents, rcond, runcond, strength=strength,
                                             steps=s["steps"], guidance_scale=s["guidance_scale"],
-                                            sampler=s["sampler"], seed=s["seed"] + i)
+                                            sampler=s["sampler"], seed=s["seed"] + i,
+                                            latent_downsample=vae_downsample(self.frozen.vae))
                 images += to_pil(decode_latents(self.frozen.vae, latents))
         finally:
             model.train(was_training)

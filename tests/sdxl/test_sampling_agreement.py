@@ -18,6 +18,7 @@ from sdxl.sampling import SAMPLERS, SampleParams, ensemble_of_experts, make_sche
 
 TOL = 1e-4
 HEIGHT, WIDTH, STEPS, SEED, GUIDANCE = 64, 64, 6, 11, 5.0
+DOWN = get_preset("tiny").vae_downsample  # pixels per latent
 ORIGINAL, CROP, TARGET = (96, 80), (8, 0), (64, 64)
 
 
@@ -80,7 +81,7 @@ def _embed_kwargs(ctx, pooled):
 
 def _params(sampler):
     return SampleParams(height=HEIGHT, width=WIDTH, steps=STEPS, guidance_scale=GUIDANCE, sampler=sampler, seed=SEED,
-                        original_size=ORIGINAL, crop_coords=CROP, target_size=TARGET)
+                        original_size=ORIGINAL, crop_coords=CROP, target_size=TARGET, latent_downsample=DOWN)
 
 
 def _diffusers_base(parts, sampler, **extra):
@@ -95,7 +96,7 @@ def test_base_matches_diffusers(parts, sampler):
     cond, uncond = _conds(*parts["base"], 6)
     ours = sample_base(parts["unet"], cond, uncond, _params(sampler))
     reference = _diffusers_base(parts, sampler)
-    assert ours.shape == (1, 4, HEIGHT // 8, WIDTH // 8)
+    assert ours.shape == (1, 4, HEIGHT // DOWN, WIDTH // DOWN)
     assert (ours - reference).abs().max().item() < TOL
     # The comparison is meaningful only if the sample moved away from the seed noise.
     assert not torch.allclose(ours, torch.randn(ours.shape, generator=torch.Generator().manual_seed(SEED)))
@@ -103,7 +104,7 @@ def test_base_matches_diffusers(parts, sampler):
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_refiner_sdedit_matches_diffusers_img2img(parts, sampler):
-    base_latents = torch.randn(1, 4, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(5))
+    base_latents = torch.randn(1, 4, HEIGHT // DOWN, WIDTH // DOWN, generator=torch.Generator().manual_seed(5))
     cond, uncond = _conds(*parts["ref"], 5)
     strength, steps = 0.5, 8
     ours = refine_sdedit(parts["refiner"], base_latents, cond, uncond, strength=strength, steps=steps,

@@ -98,7 +98,8 @@ def test_base_file_uses_the_original_sdxl_key_layout(comps, tmp_path):
     assert q.shape == (*vae["encoder.mid_block.attentions.0.to_q.weight"].shape, 1, 1)
     assert torch.equal(q[:, :, 0, 0], vae["encoder.mid_block.attentions.0.to_q.weight"])
     assert "first_stage_model.decoder.mid.attn_1.proj_out.weight" in state
-    assert torch.equal(state["first_stage_model.decoder.up.3.block.0.conv1.weight"],
+    top = len(comps.vae.config.block_out_channels) - 1  # diffusers' up_blocks.0 is LDM's up.<levels-1>
+    assert torch.equal(state[f"first_stage_model.decoder.up.{top}.block.0.conv1.weight"],
                        vae["decoder.up_blocks.0.resnets.0.conv1.weight"])
     assert "first_stage_model.decoder.up.0.upsample.conv.weight" not in state
     # CLIP-L in Hugging Face layout under text_model.; bigG in OpenCLIP layout.

@@ -101,6 +101,7 @@ def test_output_equals_the_model_core_in_process(serve_app):
 
     from sdxl.conditioner import TextConditioner
     from sdxl.models import build_components
+    from sdxl.latent_scale import vae_downsample
     from sdxl.sampling import SampleParams, decode_latents, sample_base, to_pil
 
     body = {"prompt": "an orange cat", "negative_prompt": "blurry", "width": 40, "height": 24, "steps": 3,
@@ -112,7 +113,8 @@ def test_output_equals_the_model_core_in_process(serve_app):
     conditioner = TextConditioner.from_components(parts, kind="base")
     with torch.no_grad():
         cond, uncond = conditioner.encode_for_sampling(body["prompt"], body["negative_prompt"])
-        params = SampleParams(height=24, width=40, steps=3, guidance_scale=4.0, sampler="ddim", seed=1234)
+        params = SampleParams(height=24, width=40, steps=3, guidance_scale=4.0, sampler="ddim", seed=1234,
+                              latent_downsample=vae_downsample(parts.vae))
         latents = sample_base(parts.unet, cond, uncond, params)
         expected = np.asarray(to_pil(decode_latents(parts.vae, latents))[0])
     served = decode(resp.content)
