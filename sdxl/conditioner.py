@@ -195,11 +195,14 @@ def _replace_where(mask: torch.Tensor, values: torch.Tensor, empty: torch.Tensor
 
 
 def drop_text_conditioning(embeddings: TextEmbeddings, empty: TextEmbeddings, p: float = 0.1,
-                           generator: torch.Generator | None = None) -> TextEmbeddings:
+                           generator: torch.Generator | None = None, joint: bool = False) -> TextEmbeddings:
     """Classifier-free-guidance dropout: per sample and independently per encoder, with probability ``p``, replace
     that encoder's conditioning (CLIP-L: context; bigG: context and pooled) by its part of ``empty``, the model's
     unconditional text (batch 1; :meth:`TextConditioner.unconditional_text`: zeros for the base, the encoding of ""
     for the refiner). Micro-conditioning is not touched here: size/crop/target keep their values (docs/decisions.md).
+
+    ``joint=True`` drops both encoders together (one draw per sample): the whole unconditional input that guidance
+    uses is then seen in ``p`` of the samples, not ``p²`` (1% at 0.1), which a briefly trained model needs.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p (the CFG dropout rate) must be in [0, 1], got {p}")
@@ -207,7 +210,7 @@ def drop_text_conditioning(embeddings: TextEmbeddings, empty: TextEmbeddings, p:
     rng_device = generator.device if generator is not None else "cpu"
     device = embeddings.context_g.device
     drop_g = (torch.rand(batch, generator=generator, device=rng_device) < p).to(device)
-    drop_l = (torch.rand(batch, generator=generator, device=rng_device) < p).to(device)
+    drop_l = drop_g if joint else (torch.rand(batch, generator=generator, device=rng_device) < p).to(device)
     context_l = None
     if embeddings.context_l is not None:
         if empty.context_l is None:
@@ -335,7 +338,8 @@ class TextConditioner(nn.Module):
         return refiner_time_ids(original_size, crop_coords, aesthetic_score, batch, self.device)
 
     def encode_for_training(self, prompts, original_size, crop_coords, target_size=None, aesthetic_score=None,
-                            ucg_rate: float = 0.1, generator: torch.Generator | None = None) -> Conditioning:
+                            ucg_rate: float = 0.1, generator: torch.Generator | None = None,
+                            ucg_joint: bool = False) -> Conditioning:
         """Conditioning of a training batch with CFG dropout at ``ucg_rate`` (see :func:`drop_text_conditioning`).
         Micro-conditioning: per-sample [B, 2] tensors (or pairs shared by the batch); ``target_size`` for the base,
         ``aesthetic_score`` (number or [B]) for the refiner."""
@@ -348,7 +352,7 @@ class TextConditioner(nn.Module):
             both = self.encode_text(prompts + [""])
             text, unconditional = both.slice(0, batch), both.slice(batch, batch + 1)
         if ucg_rate > 0:
-            text = drop_text_conditioning(text, unconditional, ucg_rate, generator)
+            text = drop_text_conditioning(text, unconditional, ucg_rate, generator, joint=ucg_joint)
         time_ids = self.time_ids(batch, original_size, crop_coords, target_size, aesthetic_score)
         return Conditioning(context=text.context, pooled=text.pooled_g, time_ids=time_ids)
 

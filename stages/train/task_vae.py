@@ -35,7 +35,7 @@ from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, re
 
 VAE_DEFAULTS = {"recon_loss": "l1", "kl_weight": 1e-6, "lpips_weights": None, "lpips_weight": 1.0,
                 "gan_weight": 0.5, "gan_start_step": 50, "disc_channels": 64, "disc_layers": 3, "disc_lr": 1e-4,
-                "num_samples": 4, "scale_samples": 256}
+                "num_samples": 4, "scale_samples": 256, "logvar_init": None}
 
 
 class AutoencoderForTraining(nn.Module):
@@ -73,6 +73,18 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def init_posterior_logvar(vae: AutoencoderKL, value: float) -> None:
+    """Start the posterior's log-variance at ``value`` (the bias of quant_conv's logvar half). A fresh VAE starts at
+    logvar ≈ 0, i.e. unit posterior noise as large as the latents themselves, which the reconstruction term must
+    first learn to shrink before reconstructions improve (docs/decisions.md, "The tiny recipe"); trained LDM/SDXL
+    autoencoders end far below 0 anyway, since the KL weight is 1e-6."""
+    conv = vae.quant_conv
+    if conv is None:
+        raise ValueError("train.vae.logvar_init needs a VAE with a quant_conv (use_quant_conv=true)")
+    with torch.no_grad():
+        conv.bias[conv.out_channels // 2:] = value
+
+
 def vae_settings(cfg) -> dict:
     section = task_option(cfg, "vae") or {}
     return {k: section.get(k, default) for k, default in VAE_DEFAULTS.items()}
@@ -106,6 +118,8 @@ class VAETask(TrainTask):
         vae = build_vae(self.preset, seed=int(task_option(self.cfg, "seed")))
         if self.init_path is not None:
             load_module_weights(vae, self.init_path)
+        elif self.settings["logvar_init"] is not None:
+            init_posterior_logvar(vae, float(self.settings["logvar_init"]))
         return AutoencoderForTraining(vae).train().requires_grad_(True)
 
     def setup(self, device: torch.device) -> None:

@@ -33,6 +33,7 @@ TASK_DEFAULTS = {
     "vae_from": "auto",  # frozen VAE: auto = runs/train_vae/final/ema when it exists, else model.pretrained / preset
     "seed": 0,  # random init of whatever is built from scratch
     "ucg_rate": 0.1,  # CFG dropout per text encoder (Sec. 2.5 / SPEC)
+    "ucg_joint": False,  # true: both encoders dropped together (the demo recipe; docs/decisions.md)
     "offset_noise": 0.0,
     "t_range": [0, 1000],
     "frozen_dtype": "float32",  # text encoders' dtype (the VAE always runs in float32)

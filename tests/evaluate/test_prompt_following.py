@@ -84,3 +84,14 @@ def test_labelled_grid_has_a_tile_per_image():
     grid = labelled_grid([im for im, _ in pairs], specs, [read_image(im) for im, _ in pairs], columns=5, tile=64)
     assert grid.size == (5 * 64, 2 * (64 + 30))
     assert isinstance(specs[0], PromptSpec)
+
+
+def test_the_generate_stage_asks_for_the_demo_vocabulary():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "pipeline" / "conf" / "generate" / "default.yaml"
+    prompts = list(OmegaConf.load(conf).prompts)
+    assert len(prompts) >= 4
+    assert [p for p in prompts if spec_from_caption(p) is None] == []  # every prompt is a demo caption

@@ -122,6 +122,16 @@ def test_cfg_dropout_rate_and_independence():
         drop_text_conditioning(emb, empty, 1.5)
 
 
+def test_joint_cfg_dropout_drops_both_encoders_together():
+    batch, p = 40_000, 0.1
+    emb, empty = _random_embeddings(batch), _random_embeddings(1)
+    dropped = drop_text_conditioning(emb, empty, p, torch.Generator().manual_seed(0), joint=True)
+    is_l = (dropped.context_l == empty.context_l).flatten(1).all(1)
+    is_g = (dropped.context_g == empty.context_g).flatten(1).all(1)
+    assert torch.equal(is_l, is_g)  # the whole unconditional input, never half of it
+    assert abs((is_l & is_g).float().mean().item() - p) < 0.01
+
+
 def test_training_dropout_keeps_micro_conditioning(base):
     sizes, crops = torch.tensor([[100, 200], [300, 400]]), torch.tensor([[7, 0], [0, 9]])
     gen = torch.Generator().manual_seed(0)
