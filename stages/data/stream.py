@@ -124,7 +124,9 @@ def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
                        icfg.get("image_column"), icfg.get("caption_column"))
     run_tag = uuid.uuid4().hex[:6]
     writing = Resources.from_config(bcfg)
-    n_writers = writing.pool_size(len(pending)) or 1
+    # One writer keeps up with many readers (it only moves bytes): by default one per 16 CPUs of the cluster.
+    auto_writers = max(1, int(ray.cluster_resources().get("CPU", 1)) // 16)
+    n_writers = min(len(pending), writing.concurrency or auto_writers)
     writer_cls = ray.remote(WriterActor).options(num_cpus=writing.num_cpus, scheduling_strategy="SPREAD",
                                                  max_concurrency=1)
     writers = [writer_cls.remote(dataset_dir, f"w{i:02d}{run_tag}", int(bcfg.samples_per_shard),
