@@ -116,8 +116,8 @@ def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
     background = sum(r.background == s.background for r, s in pairs) / n
     position = sum((r.row, r.col) == (s.row, s.col) for r, s in pairs) / n
     return {"object_color_accuracy": object_color, "background_accuracy": background, "position_accuracy": position,
-            "chance_object_color": CHANCE["object_color"], "chance_background": CHANCE["background"],
-            "chance_position": CHANCE["position"], "num_images": n}
+            "object_color_chance": CHANCE["object_color"], "background_chance": CHANCE["background"],
+            "position_chance": CHANCE["position"], "num_images": n}
 
 
 def heldout_specs(count: int, seed: int = 0, exclude_prompts: Iterable[str] = ()) -> list[PromptSpec]:

@@ -138,7 +138,7 @@ def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
              "prompt_following_grid.png": buf.getvalue()}
     log.info("prompt following (%s, %d prompts): object colour %.2f (chance %.2f), background %.2f (chance %.2f), "
              "position %.2f (chance %.2f); the reader on real images: %.2f / %.2f / %.2f", source, len(prompts),
-             scores["object_color_accuracy"], scores["chance_object_color"], scores["background_accuracy"],
-             scores["chance_background"], scores["position_accuracy"], scores["chance_position"],
+             scores["object_color_accuracy"], scores["object_color_chance"], scores["background_accuracy"],
+             scores["background_chance"], scores["position_accuracy"], scores["position_chance"],
              reader["object_color_accuracy"], reader["background_accuracy"], reader["position_accuracy"])
     return summary, files

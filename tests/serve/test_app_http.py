@@ -12,6 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
+from sdxl.sampling import SAMPLERS
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 TIMEOUT = 120
@@ -128,4 +130,4 @@ def test_playground_and_bucket_info_are_served(serve_app):
     assert 'id="generate"' in page.text
     info = requests.get(f"{serve_app['url']}/buckets", timeout=TIMEOUT).json()
     assert [128, 128] in info["buckets"] and info["defaults"]["width"] == 32
-    assert info["samplers"] == ["euler", "ddim", "dpmpp_2m"]
+    assert info["samplers"] == list(SAMPLERS)
