@@ -55,6 +55,17 @@ def resolve_vae_source(cfg) -> tuple[str, str | None]:
     return "trained", folder
 
 
+def adopt_saved_scaling_factor(vae: AutoencoderKL, folder: str) -> None:
+    """Take the latent scale factor train_vae measured and saved in ``folder``'s config.json: weights loaded into a
+    preset-built VAE would otherwise keep the preset's constant (SDXL's 0.13025), and the diffusion stages would
+    train on latents of the wrong size while the export (which copies the saved config) samples with the right one."""
+    config = storage.join(folder, "config.json")
+    if storage.is_file(config):
+        saved = storage.read_json(config).get("scaling_factor")
+        if saved is not None:
+            vae.register_to_config(scaling_factor=float(saved))
+
+
 def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
     preset = get_preset(str(cfg.model.preset))
     kind, source = resolve_vae_source(cfg)
@@ -67,6 +78,7 @@ def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
         vae = build_vae(preset, seed=int(task_option(cfg, "seed")))
         if kind == "trained":
             load_module_weights(vae, source)
+            adopt_saved_scaling_factor(vae, source)
     vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     return vae, f"{kind}:{source or preset.name}"
 

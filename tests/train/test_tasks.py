@@ -195,6 +195,12 @@ def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
     saved = json.load(open(os.path.join(out, "config.json")))["scaling_factor"]
     expected = measure_scaling_factor(model.vae.eval(), task._fixed_inputs(256))
     assert saved == pytest.approx(expected, rel=1e-6) and saved != pytest.approx(0.13025, rel=0.01)
+    # ...and the diffusion stages' frozen VAE, built from the preset with these weights, uses that scale
+    from sdxl.latent_scale import vae_scaling_factor
+    from stages.train.task_components import build_frozen_vae
+    frozen, source = build_frozen_vae(stage_cfg("pretrain256", root, overrides=[f"train.vae_from={out}"]),
+                                      torch.device("cpu"))
+    assert source.startswith("trained:") and vae_scaling_factor(frozen) == pytest.approx(saved, rel=1e-6)
     child = VAETask(stage_cfg("train_vae", root, overrides=[f"train.init_from={out}"])).build_model()
     assert all(torch.equal(a, b) for a, b in zip(child.state_dict().values(), model.state_dict().values()))
     bad = str(tmp_path / "lpips.safetensors")
