@@ -49,7 +49,9 @@ def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]
     # `workflow.*` configures the chain itself (e.g. `workflow.chain=[...]` on the command line); its stages lack it.
     kept = [o for o in user_overrides
             if not o.split("=", 1)[0].lstrip("+~") in ("stage",) and not o.lstrip("+~").startswith("workflow.")]
-    return compose(config_name="config", overrides=[*kept, *extra, f"stage={stage}"])
+    # The user's command line comes after the chain's per-step overrides, so it wins over them (as it wins over the
+    # stage files): `stage=demo train.max_steps=2` trains every stage for 2 steps.
+    return compose(config_name="config", overrides=[*extra, *kept, f"stage={stage}"])
 
 
 def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:

@@ -66,3 +66,14 @@ def test_missing_output_makes_a_stage_run_again(tmp_path):
     assert not again["stages"]["demo_data"].get("skipped")
     assert again["stages"]["model_summary"] == {"skipped": True}
     assert _child_runs(root) == {"demo": 2, "demo_data": 2, "model_summary": 1}
+
+
+def test_the_command_line_wins_over_the_chains_per_step_overrides():
+    from pipeline.workflow import compose_stage_config
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        recipe = compose_stage_config("train_vae", [], ["train.max_steps=800", "train.lr=0.002"])
+        user = compose_stage_config("train_vae", ["train.max_steps=2", "stage=demo"], ["train.max_steps=800",
+                                                                                          "train.lr=0.002"])
+    assert recipe.train.max_steps == 800 and recipe.train.lr == 0.002
+    assert user.train.max_steps == 2 and user.train.lr == 0.002  # only what the user named is replaced
