@@ -103,9 +103,10 @@ def _measure() -> dict:
         base_text = TextConditioner(tok_l, text_l, tok_g, text_g, kind="base")
         refiner_text = TextConditioner(None, None, tok_g, text_g, kind="refiner")
 
+        down = get_preset("tiny").vae_downsample
         cond, uncond = base_text.encode_for_sampling(PROMPT, original_size=(SIZE, SIZE))
         params = SampleParams(height=SIZE, width=SIZE, steps=BASE_STEPS, guidance_scale=GUIDANCE, seed=SEED,
-                              latent_downsample=get_preset("tiny").vae_downsample)
+                              latent_downsample=down)
         ours = decode_latents(modules["vae"], sample_base(modules["base"], cond, uncond, params))
         theirs = load_pipeline(str(out / "diffusers" / "base"))(
             prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=BASE_STEPS, guidance_scale=GUIDANCE,
@@ -113,7 +114,6 @@ def _measure() -> dict:
         base_levels = (ours - theirs).abs().max().item() * 255
 
         rcond, runcond = refiner_text.encode_for_sampling(PROMPT, original_size=(SIZE, SIZE))
-        down = get_preset("tiny").vae_downsample
         latents = torch.randn(1, 4, SIZE // down, SIZE // down, generator=torch.Generator().manual_seed(3))
         ours = decode_latents(modules["vae"], refine_sdedit(modules["refiner"], latents, rcond, runcond,
                                                             strength=STRENGTH, steps=REFINER_STEPS, seed=SEED,

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sdxl.latent_scale import vae_downsample
+
 META = torch.device("meta")
 CLIP_TOKENS = 77
 SCORER_ARCH = "ViT-L-14"  # the CLIP the filter stage's LAION aesthetic scorer embeds images with
@@ -68,7 +70,7 @@ def vae_flops(preset: str, resolution: int, part: str) -> int:
         pixels = torch.zeros(1, 3, resolution, resolution, device=META)
         return count_flops(lambda: vae.encode(pixels))
     if part == "decode":
-        side = resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        side = resolution // vae_downsample(vae)
         latents = torch.zeros(1, vae.config.latent_channels, side, side, device=META)
         return count_flops(lambda: vae.decode(latents))
     raise ValueError(f"part must be 'encode' or 'decode', got {part!r}")

@@ -54,6 +54,14 @@ def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]
     return compose(config_name="config", overrides=[*extra, *kept, f"stage={stage}"])
 
 
+def _flatten(overrides: list) -> list[str]:
+    """A step's overrides with nested lists spliced in: steps share settings through a YAML anchor (`- *recipe`)."""
+    flat: list[str] = []
+    for item in overrides:
+        flat += _flatten(item) if isinstance(item, list) else [str(item)]
+    return flat
+
+
 def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     from pipeline.dispatch import execute  # late: dispatch imports the registry, which names this module
     from pipeline.registry import get_stage
@@ -66,7 +74,7 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
     for step in chain:
         stage = str(aliases.get(step, step))
-        extra = [f"paths.root={ctx.root}", *per_stage.get(step, [])]
+        extra = [f"paths.root={ctx.root}", *_flatten(per_stage.get(step, []))]
         stage_cfg = compose_stage_config(stage, user, extra)
         digest = config_hash(stage_cfg)
         marker = storage.join(ctx.root, "workflow", name, f"{step}.json")

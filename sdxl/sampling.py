@@ -348,7 +348,8 @@ def ensemble_of_experts(base_unet, refiner_unet, base_cond: Conditioning, base_u
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Images [B, 3, 8h, 8w] in [0, 1] (float32) from scaled latents, decoding in float32. ``scale``: the latent
+    """Images [B, 3, d·h, d·w] in [0, 1] (float32) from scaled latents (d: the VAE's pixels per latent), decoding
+    in float32. ``scale``: the latent
     scale factor; None = the VAE's own ``config.scaling_factor`` (sdxl/latent_scale.py).
 
     SDXL's VAE overflows in fp16 (NaN / black images), so a half-precision VAE is upcast for the call and restored

@@ -171,10 +171,11 @@ class DiffusionTask(TrainTask):
         was_training = model.training
         model.eval()
         try:
+            down = vae_downsample(self.frozen.vae)
             for i, prompt in enumerate(s["prompts"]):
                 params = SampleParams(height=size[0], width=size[1], steps=s["steps"],
                                       guidance_scale=s["guidance_scale"], sampler=s["sampler"], seed=s["seed"] + i,
-                                      latent_downsample=vae_downsample(self.frozen.vae))
+                                      latent_downsample=down)
                 if self.kind == "base":
                     cond, uncond = self.frozen.conditioner.encode_for_sampling(prompt, original_size=size,
                                                                                 target_size=size)
@@ -190,7 +191,7 @@ class DiffusionTask(TrainTask):
                     latents = refine_sdedit(model, latents, rcond, runcond, strength=strength,
                                             steps=s["steps"], guidance_scale=s["guidance_scale"],
                                             sampler=s["sampler"], seed=s["seed"] + i,
-                                            latent_downsample=vae_downsample(self.frozen.vae))
+                                            latent_downsample=down)
                 images += to_pil(decode_latents(self.frozen.vae, latents))
         finally:
             model.train(was_training)
