@@ -34,6 +34,7 @@ from stages.train.data_manifest import dataset_dir_from_cfg, latent_cache_dir, s
 from stages.train.data_shards import TarShardReader, sample_member
 from stages.train.task_components import build_frozen_parts, encode_posterior, resolve_vae_source
 from stages.train.task_diffusion import UNCOND_FILE
+from stages.train.tasks import DIFFUSERS_WEIGHTS
 
 log = logging.getLogger(__name__)
 INFO_FILE = "cache_info.json"
@@ -60,7 +61,17 @@ def cache_identity(cfg) -> dict:
             "filter": lc.get("filter"), "top_k_by": OmegaConf.to_container(lc.top_k_by) if lc.get("top_k_by") else None,
             "synthetic_caption_prob": float(lc.synthetic_caption_prob), "seed": int(s["seed"]),
             "min_bucket_samples": int(s["min_bucket_samples"]), "dtype": s["dtype"],
-            "vae": "{}:{}".format(*resolve_vae_source(cfg))}
+            "vae": vae_identity(cfg)}
+
+
+def vae_identity(cfg) -> str:
+    """Which frozen VAE encodes the latents. A trained one is named by its folder and the hash of its weights, so a
+    cache made before ``train_vae`` re-ran is recognised as stale instead of silently training on old latents."""
+    kind, source = resolve_vae_source(cfg)
+    if kind != "trained":
+        return f"{kind}:{source}"
+    weights = storage.read_bytes(storage.join(source, DIFFUSERS_WEIGHTS))
+    return f"trained:{source}@sha256:{hashlib.sha256(weights).hexdigest()[:16]}"
 
 
 def key_seed(seed: int, key: str) -> list[int]:
@@ -206,6 +217,8 @@ def run(cfg: DictConfig, ctx) -> dict:
         write_uncond(cache_dir, parts, _DTYPES[settings["dtype"]])
     summary = {"cache_dir": cache_dir, "files": len(plan), "encoded_files": len(pending),
                "samples": sum(len(it["keys"]) for it in plan),
-               "buckets": sorted({bucket_name(tuple(it["bucket"])) for it in plan})}
+               "buckets": sorted({bucket_name(tuple(it["bucket"])) for it in plan}),
+               # a chained run (stage=demo) re-runs this step when the cache is gone
+               "outputs": [storage.join(cache_dir, INFO_FILE)]}
     ctx.log_dict(summary, "cache_latents.json")
     return summary

@@ -45,8 +45,10 @@ def check_cache(cfg) -> None:
                                 f"{CACHE_INFO}): run stage=cache_latents with this stage's loader settings first")
     identity = storage.read_json(info_uri).get("identity", {})
     lc = cfg.loader
+    from stages.train.cache_latents import vae_identity  # late: it imports torch and the model parts
+
     expected = {"preset": str(cfg.model.preset), "resolution": int(lc.resolution),
-                "multi_aspect": bool(lc.multi_aspect)}
+                "multi_aspect": bool(lc.multi_aspect), "vae": vae_identity(cfg)}
     wrong = {k: (identity.get(k), v) for k, v in expected.items() if identity.get(k) != v}
     if wrong:
         raise ValueError(f"latent cache {info_uri} was made for other settings: "

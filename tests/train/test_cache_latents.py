@@ -16,14 +16,6 @@ BUCKETS = {(64, 64): 5, (48, 80): 4, (80, 48): 3, (32, 128): 1}
 ASPECT = ["loader.multi_aspect=true", "loader.resolution=64", "cache.min_bucket_samples=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def root(tmp_path):
     write_dataset(str(tmp_path / "data" / "default"), BUCKETS)
@@ -99,6 +91,28 @@ def test_cache_with_other_settings_is_refused(root):
     other = stage_cfg("cache_latents", root, overrides=["loader.cache_name=shared", "cache.seed=5"])
     with pytest.raises(ValueError, match="cache_info.json.*seed"):
         _check_or_write_info(latent_cache_dir(other), cache_identity(other))
+
+
+def test_cache_of_a_retrained_vae_is_refused(root):
+    """The VAE's weights are part of the cache's identity: after train_vae re-runs, neither the cache stage nor the
+    training stage uses latents of the old weights."""
+    from stages.train.stage_entry import check_cache
+    from stages.train.task_components import build_frozen_vae
+    from stages.train.tasks import final_dir
+
+    cfg = stage_cfg("cache_latents", root)
+    vae, _ = build_frozen_vae(cfg, torch.device("cpu"))
+    vae.save_pretrained(final_dir(cfg, "train_vae"))
+    fill_cache(cfg)
+    train = stage_cfg("pretrain256", root, overrides=["loader.cached=true"])
+    check_cache(train)  # same weights: accepted
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)  # "retrained"
+    vae.save_pretrained(final_dir(cfg, "train_vae"))
+    with pytest.raises(ValueError, match="vae"):
+        check_cache(train)
+    with pytest.raises(ValueError, match="cache_info.json.*vae"):
+        _check_or_write_info(latent_cache_dir(cfg), cache_identity(cfg))
 
 
 def test_cached_loader_without_cache_names_the_folder(root):

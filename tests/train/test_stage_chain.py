@@ -19,6 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(150
 
 CONF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "pipeline", "conf"))
 TRAINING = ["train_vae", "pretrain256", "pretrain512", "finetune_aspect", "finetune_quality", "train_refiner"]
+# The demo's chain up to the refiner: the longer base stages read latent caches made right before them.
+CHAIN = ["demo_data", "data", "train_vae", "cache_32", "pretrain256", "cache_64", "pretrain512", "cache_64_aspect",
+         "finetune_aspect", "finetune_quality", "train_refiner"]
 # A vanishing lr (the schedule refuses 0) keeps a child stage's weights where they started, so its final weights
 # must equal its parent's within float tolerance.
 FROZEN_CHILDREN = {"pretrain512": "pretrain256", "finetune_aspect": "pretrain512", "finetune_quality": "finetune_aspect"}
@@ -27,10 +30,12 @@ FROZEN_CHILDREN = {"pretrain512": "pretrain256", "finetune_aspect": "pretrain512
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, ray_local):
     root = str(tmp_path_factory.mktemp("chain") / "root")
+    # Batches of 4 (the demo's 64 exceed 48 images; a cached bucket must hold one micro-batch).
     overrides = [f"paths.root={root}", "stage=demo", "demo.num_images=48", "train.max_steps=2",
-                 "train.sample_every=2", "train.eval_every=2", "train.checkpoint_every=1", "train.warmup_steps=1"]
+                 "train.sample_every=2", "train.eval_every=2", "train.checkpoint_every=1", "train.warmup_steps=1",
+                 "train.global_batch_size=4", "train.micro_batch_size=4", "cache.min_bucket_samples=4"]
     child_overrides = {child: ["train.lr=1e-12", "train.min_lr=1e-13"] for child in FROZEN_CHILDREN}
-    chain_list = "[" + ",".join(["demo_data", "data", *TRAINING]) + "]"
+    chain_list = "[" + ",".join(CHAIN) + "]"
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="config", overrides=[*overrides, f"workflow.chain={chain_list}"])
         with open_dict(cfg):
@@ -47,6 +52,11 @@ def _final_tensors(root: str, stage: str, which: str) -> dict[str, torch.Tensor]
 def test_every_stage_logs_params_metrics_grid_and_a_model_version(chain):
     root, result = chain
     assert set(TRAINING) <= set(result["stages"])
+    # the cached stages trained on every image, encoded by the VAE train_vae left
+    for cache in ("cache_32", "cache_64", "cache_64_aspect"):
+        assert result["stages"][cache]["samples"] == 48, cache
+        info = os.path.join(result["stages"][cache]["cache_dir"], "cache_info.json")
+        assert "runs/train_vae/final" in open(info).read(), cache
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("sdxl")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
