@@ -19,9 +19,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 from pipeline.context import StageContext  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """OMP_NUM_THREADS=1 (above) gives torch one thread; a test that raised it (an in-process training run sets
+    cpus_per_worker threads) must not slow every later test down."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    """The tiny preset's base and refiner UNets, VAE and text encoders at seed 0 (random weights, eval mode), built
+    once for every test that only reads them."""
+    from sdxl.models import build_components
+
+    return build_components("tiny", kind="both", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -41,16 +41,6 @@ def _save_trained(root: Path, stage: str, module, weights: str = "ema") -> None:
     (final / "info.json").write_text(json.dumps({"stage": stage, "step": 3}))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two competing ones (OpenMP
-    threads spin while the cores are busy with other work). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A root as the training stages leave it: an older pretrain256 and a newer finetune_aspect base (EMA and raw

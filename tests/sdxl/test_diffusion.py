@@ -11,16 +11,6 @@ from sdxl.diffusion import (REFINER_T_RANGE, default_schedule, diffusion_loss, m
                             sample_timesteps, scaled_linear_schedule)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP threads spinning against other processes slow these
-    tiny models down by orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingUNet(torch.nn.Module):
     """A stand-in eps model: a 1x1 conv that also records the timesteps and conditioning it was called with."""
 

@@ -16,14 +16,6 @@ from sdxl.diffusion import diffusion_loss
 from sdxl.presets import get_preset
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: extra OpenMP threads only spin
-    yield
-    torch.set_num_threads(threads)
-
-
 def _eval_loss(unet, latents, cond) -> float:
     generator = torch.Generator().manual_seed(123)
     with torch.no_grad():

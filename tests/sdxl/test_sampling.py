@@ -8,7 +8,7 @@ import torch
 from sdxl.conditioner import Conditioning
 from sdxl.guidance import (GuidedDenoiser, combine_guidance, guidance_scale_to_sgm_weight,
                            sgm_weight_to_guidance_scale)
-from sdxl.models import build_unet, build_vae
+from sdxl.models import build_vae
 from sdxl.presets import get_preset
 from sdxl.sampling import (SAMPLERS, RefinerParams, SampleParams, decode_latents, ensemble_of_experts, initial_noise,
                            make_scheduler, refine_sdedit, sample_base, sdedit_start, to_pil)
@@ -16,24 +16,14 @@ from sdxl.sampling import (SAMPLERS, RefinerParams, SampleParams, decode_latents
 PRESET = get_preset("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP threads spinning against other processes slow these
-    tiny models down by orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def unet(tiny_components):
+    return tiny_components.unet
 
 
 @pytest.fixture(scope="module")
-def unet():
-    return build_unet(PRESET, "base").eval()
-
-
-@pytest.fixture(scope="module")
-def refiner():
-    return build_unet(PRESET, "refiner").eval()
+def refiner(tiny_components):
+    return tiny_components.refiner_unet
 
 
 def _pair(batch=1, dim=PRESET.context_dim_base, n_ids=6, seed=0):

@@ -12,7 +12,6 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from sdxl.conditioner import Conditioning
-from sdxl.models import build_unet, build_vae
 from sdxl.presets import get_preset
 from sdxl.sampling import SAMPLERS, SampleParams, ensemble_of_experts, make_scheduler, refine_sdedit, sample_base
 
@@ -22,18 +21,8 @@ DOWN = get_preset("tiny").vae_downsample  # pixels per latent
 ORIGINAL, CROP, TARGET = (96, 80), (8, 0), (64, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One torch thread: on a shared 2-core machine, OpenMP threads spinning against other processes slow these
-    tiny models down by orders of magnitude."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def parts():
+def parts(tiny_components):
     preset = get_preset("tiny")
     g = torch.Generator().manual_seed(0)
 
@@ -43,9 +32,9 @@ def parts():
     base_ctx, base_pooled = embeds(preset.context_dim_base)
     ref_ctx, ref_pooled = embeds(preset.context_dim_refiner)
     return {
-        "unet": build_unet(preset, "base").eval(),
-        "refiner": build_unet(preset, "refiner").eval(),
-        "vae": build_vae(preset).eval(),
+        "unet": tiny_components.unet,
+        "refiner": tiny_components.refiner_unet,
+        "vae": tiny_components.vae,
         # index 0 = prompt, index 1 = negative prompt
         "base": (base_ctx, base_pooled),
         "ref": (ref_ctx, ref_pooled),

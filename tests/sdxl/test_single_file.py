@@ -13,19 +13,9 @@ from sdxl.single_file import (detect_kind, load_single_file, save_single_file, t
                               unet_table)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two competing ones (OpenMP
-    threads spin while the cores are busy with other work). Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def comps():
-    return build_components("tiny", kind="both", seed=0)
+def comps(tiny_components):
+    return tiny_components
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ BUCKETS = {(64, 64): 6, (48, 80): 4, (80, 48): 4}
 SAMPLE = ["train.sample.prompts=[a red circle]", "train.sample.steps=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster without intra-op threads fighting each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     path = tmp_path_factory.mktemp("root")
