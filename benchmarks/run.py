@@ -3,6 +3,7 @@
     python benchmarks/run.py                # all
     python benchmarks/run.py data sampler   # some (module names without the bench_ prefix); the others' figures
                                             # are kept from benchmarks/results.json, with the time they were taken
+    python benchmarks/run.py demo           # the demo's step times and scores (reads a finished `make demo`)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 BENCHMARKS = ["data", "data_urls", "data_plan", "sampler", "train", "cache", "serve", "load", "serve_fault", "export",
-              "scale_model"]
+              "scale_model", "demo"]
 
 
 def _format(value) -> str:

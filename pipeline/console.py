@@ -129,7 +129,10 @@ def _metrics(result: dict) -> tuple[list[tuple[str, str]], int]:
             text = format_number(value) + (f" (chance {format_number(numbers[chance])})" if chance else "")
             if chance:
                 used.add(chance)
-            accuracies.append((_label(path), text))
+            label = _label(path)
+            if any(label == seen for seen, _ in accuracies) and len(path) > 1:
+                label = f"{path[-2]}/{label}"  # the same accuracy of something else (e.g. the reader on real images)
+            accuracies.append((label, text))
     labels = {label for label, _ in accuracies}
     for path, value in numbers.items():
         leaf, label = _leaf_name(path), _label(path)

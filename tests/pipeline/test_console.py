@@ -22,6 +22,7 @@ EVALUATE = {"stage": "evaluate", "seconds": 12.0, "output_dir": "/r/runs/evaluat
                       "results.md": "/r/runs/evaluate/ema/results.md"},
             "prompt_following": {"object_accuracy": 0.625, "object_chance": 0.25,
                                  "position": {"accuracy": 0.5, "chance": 0.2},
+                                 "reader_on_real_images": {"object_accuracy": 1.0, "object_chance": 0.25},
                                  "grid": "/r/runs/evaluate/ema/prompt_following.png"}}
 GENERATE = {"stage": "generate", "images": 4, "grid": "/r/generated/grid.png", "seconds": 30.5,
             "outputs": ["/r/generated/grid.png", "/r/generated/000_0.png", "/r/generated/001_0.png"]}
@@ -48,6 +49,8 @@ def test_metrics_are_found_wherever_a_stage_puts_them():
     # Accuracies first, each beside its chance level, under nested or flat keys.
     assert head.metrics[0] == ("object_accuracy", "0.625 (chance 0.25)")
     assert metrics["position_accuracy"] == "0.5 (chance 0.2)"
+    # The same accuracy of something else is named by what it measured, not shown as a second object_accuracy.
+    assert metrics["reader_on_real_images/object_accuracy"] == "1 (chance 0.25)"
     # Values over guidance scales are grouped; lists (rows) repeat the dicts and are not read.
     assert metrics["fid (cfg 1.5/5)"] == "312/298"
     assert metrics["clip_score (cfg 1.5/5)"] == "20.1/21"
