@@ -33,7 +33,7 @@ def chain(tmp_path_factory, ray_local):
     # Batches of 4 (the demo's 64 exceed 48 images; a cached bucket must hold one micro-batch).
     overrides = [f"paths.root={root}", "stage=demo", "demo.num_images=48", "train.max_steps=2",
                  "train.sample_every=2", "train.eval_every=2", "train.checkpoint_every=1", "train.warmup_steps=1",
-                 "train.global_batch_size=4", "train.micro_batch_size=4", "cache.min_bucket_samples=4"]
+                 "train.global_batch_size=4", "train.micro_batch_size=4"]
     child_overrides = {child: ["train.lr=1e-12", "train.min_lr=1e-13"] for child in FROZEN_CHILDREN}
     chain_list = "[" + ",".join(CHAIN) + "]"
     with initialize_config_dir(config_dir=CONF, version_base=None):
@@ -41,6 +41,8 @@ def chain(tmp_path_factory, ray_local):
         with open_dict(cfg):
             for child, extra in child_overrides.items():
                 cfg.workflow.overrides[child] = extra
+            # only the cache steps have a `cache` section; after the demo's 64 in the same list, so it wins
+            cfg.workflow.overrides["cache_64_aspect"].append("cache.min_bucket_samples=4")
         result = execute("demo", cfg, overrides=[o for o in overrides if o != "stage=demo"])
     return root, result
 
