@@ -260,11 +260,24 @@ def _all_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
+def config_change_warning(meta: dict, path: str, stage: str | None, cfg_hash: str | None) -> str | None:
+    """The warning for resuming this stage's own checkpoint written under another config (a re-run with changed
+    settings continues the old run's step, optimizer and schedule); None when nothing changed or it is another
+    stage's checkpoint (a parent-stage start via ``train.resume_from``)."""
+    saved = meta.get("config_hash")
+    if cfg_hash is None or saved is None or saved == cfg_hash or meta.get("stage") != stage:
+        return None
+    return (f"resuming {stage} from {path}, written with another config (hash {saved}, now {cfg_hash}): it continues "
+            f"that run's step {meta.get('step')}, optimizer and learning-rate schedule. To start over, delete "
+            f"{posixpath.dirname(path.rstrip('/'))} or use another paths.root")
+
+
 def resume(paths: list[str], *, signature: dict, strategy, model, optimizer, scheduler, ema, generator,
-           world_size: int) -> tuple[int, str | None]:
+           world_size: int, stage: str | None = None, cfg_hash: str | None = None) -> tuple[int, str | None]:
     """Load the first good checkpoint of ``paths``; (step, path) — (0, None) when there is none to load.
 
     A corrupted checkpoint is skipped with a warning (every rank must agree it loaded); a mismatched one raises.
+    With ``stage`` and ``cfg_hash``, resuming the stage's own checkpoint of another config logs a warning (rank 0).
     """
     from ray.train import Checkpoint
 
@@ -288,6 +301,9 @@ def resume(paths: list[str], *, signature: dict, strategy, model, optimizer, sch
                 except Exception as e:  # unreadable content: try the previous checkpoint
                     error = e
             if _all_ok(error is None):
+                warning = config_change_warning(meta, path, stage, cfg_hash)
+                if warning and _rank() == 0:
+                    log.warning(warning)
                 return step, path
         tried.append(f"{path}: {error or 'unreadable on another rank'}")
         log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path,

@@ -164,9 +164,10 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         if checkpointing.list_checkpoints(config["ray_run_dir"]):
             resume_from = config["ray_run_dir"]
     paths = checkpointing.candidates(latest, resume_from)
+    cfg_hash = checkpointing.config_hash(config["cfg"])
     start_step, resumed_path = checkpointing.resume(
         paths, signature=signature, strategy=strategy, model=model, optimizer=optimizer, scheduler=scheduler,
-        ema=ema, generator=generator, world_size=world_size)
+        ema=ema, generator=generator, world_size=world_size, stage=config["stage"], cfg_hash=cfg_hash)
     if rank == 0:
         log.warning("training %s: steps %d→%d, %d worker(s) × micro-batch %d × %d accumulation = %d per step%s",
                     config["stage"], start_step, max_steps, world_size, micro, accum, micro * world_size * accum,
@@ -174,7 +175,7 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         logger.set_tags({"train.accumulation": accum, "train.world_size": world_size, **task.lineage_tags()})
 
     meta = {"model_name": task.model_name, "signature": signature, "world_size": world_size,
-            "zero_stage": int(tc.zero_stage), "config_hash": checkpointing.config_hash(config["cfg"]),
+            "zero_stage": int(tc.zero_stage), "config_hash": cfg_hash,
             "stage": config["stage"]}
     run_dir = storage.join(config["root"], "runs", config["stage"])
     batches = None

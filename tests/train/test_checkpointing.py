@@ -148,3 +148,30 @@ def test_ray_run_falls_back_from_corrupted_latest(tmp_path, ray_local):
     out = run_training(toy_cfg(root, max_steps=3, checkpoint_every=1), ctx)
     assert out["step"] == 3
     assert out["metrics"]["resumed_from_step"] == 1
+
+
+def test_resuming_a_checkpoint_of_another_config_warns(tmp_path, caplog):
+    """A re-run with changed settings silently continued the old run's step and optimizer; now it says so."""
+    run = Run(tmp_path)
+    run.train_step(0)
+    latest = str(tmp_path / "runs" / "s" / ck.checkpoint_dir_name(1))
+    ck.save_checkpoint(latest, step=1, strategy=run.strategy, model=run.model, optimizer=run.optimizer,
+                       scheduler=run.scheduler, ema=run.ema, generator=run.generator,
+                       meta={"model_name": "toy", "signature": run.signature, "world_size": 1, "stage": "s",
+                             "config_hash": "aaaa"})
+
+    def resume(stage, cfg_hash):
+        fresh = Run(tmp_path)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stages.train.checkpointing"):
+            step, _ = ck.resume(ck.candidates(latest, None), signature=fresh.signature, strategy=fresh.strategy,
+                                model=fresh.model, optimizer=fresh.optimizer, scheduler=fresh.scheduler,
+                                ema=fresh.ema, generator=fresh.generator, world_size=1, stage=stage,
+                                cfg_hash=cfg_hash)
+        assert step == 1
+        return [r.getMessage() for r in caplog.records if "another config" in r.getMessage()]
+
+    changed = resume("s", "bbbb")
+    assert len(changed) == 1 and "hash aaaa, now bbbb" in changed[0] and str(tmp_path / "runs" / "s") in changed[0]
+    assert resume("s", "aaaa") == []  # a restart of the same run (Ray Train after a failure)
+    assert resume("child", "bbbb") == []  # a parent stage's checkpoint (train.resume_from)
