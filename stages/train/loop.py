@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from pipeline import storage
-from stages.train import checkpointing
+from stages.train import checkpointing, final_export
 from stages.train.ema import EMA
 from stages.train.sample_grid import grid_png_bytes, sample_artifact_name
 from stages.train.schedules import make_lr_scheduler
@@ -214,15 +214,16 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
             _report_checkpoint(done, rank, strategy, model, optimizer, scheduler, ema, generator, meta, metrics)
 
     final_dir = storage.join(run_dir, "final")
-    if not checkpointing.is_final(final_dir, max_steps):
+    if not final_export.is_final(final_dir, max_steps):
         full = strategy.full_state_dict(model)
         ema_full = strategy.gather_full(model, ema.shadow)
         if rank == 0:
-            info = checkpointing.final_info(cfg, config["stage"], max_steps, task.lineage_tags(), meta["config_hash"])
+            info = final_export.final_info(cfg, config["stage"], max_steps, task.lineage_tags(),
+                                           meta["config_hash"])
             # Evaluation logs back into the run that trained these weights.
             info["mlflow_run_id"] = config.get("run_id")
             info["mlflow_tracking_uri"] = config.get("tracking_uri")
-            checkpointing.export_final(task, full, ema_full, final_dir, info, logger)
+            final_export.export_final(task, full, ema_full, final_dir, info, logger)
     if batches is not None and hasattr(batches, "close"):
         batches.close()
     ray.train.report({"step": max_steps, "final": 1, "resumed_from_step": start_step})

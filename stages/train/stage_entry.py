@@ -19,7 +19,6 @@ from stages.train.sample_weights import sample_repeats
 from stages.train.tasks import TASK_KINDS, resolve_init_from, task_option
 
 log = logging.getLogger(__name__)
-CACHE_INFO = "cache_info.json"
 
 
 def check_shards(dataset_dir: str, shards) -> None:
@@ -38,15 +37,15 @@ def check_shards(dataset_dir: str, shards) -> None:
 
 
 def check_cache(cfg) -> None:
+    from stages.train.cache_latents import INFO_FILE, vae_identity  # late: it imports torch and the model parts
+
     cache_dir = latent_cache_dir(cfg)
-    info_uri = storage.join(cache_dir, CACHE_INFO)
+    info_uri = storage.join(cache_dir, INFO_FILE)
     if not storage.is_file(info_uri):
         raise FileNotFoundError(f"loader.cached=true but there is no latent cache at {cache_dir} (missing "
-                                f"{CACHE_INFO}): run stage=cache_latents with this stage's loader settings first")
+                                f"{INFO_FILE}): run stage=cache_latents with this stage's loader settings first")
     identity = storage.read_json(info_uri).get("identity", {})
     lc = cfg.loader
-    from stages.train.cache_latents import vae_identity  # late: it imports torch and the model parts
-
     expected = {"preset": str(cfg.model.preset), "resolution": int(lc.resolution),
                 "multi_aspect": bool(lc.multi_aspect), "vae": vae_identity(cfg)}
     wrong = {k: (identity.get(k), v) for k, v in expected.items() if identity.get(k) != v}
