@@ -109,13 +109,36 @@ def signal_all(procs: list[psutil.Process], sig: int) -> None:
             pass
 
 
+def wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until each process has exited or is a zombie; returns those still running after ``timeout_s``.
+
+    (psutil.wait_procs waits for a killed grandchild until some ancestor reaps it, which is PID 1 once its parent
+    is dead: measured 10-15 s per Ray head on this machine, for processes that were already dead.)
+    """
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while alive:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return alive
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def kill_tree(proc: subprocess.Popen, timeout_s: float = 30) -> None:
     """SIGKILL a process and every process it started (an embedded Ray's raylet, workers, ...), by pid."""
     family = descendants(proc.pid)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     signal_all(family, signal.SIGKILL)
-    psutil.wait_procs(family, timeout=timeout_s)
+    wait_gone(family, timeout_s)
     proc.wait(timeout=timeout_s)
 
 
@@ -131,7 +154,7 @@ def stop_tree(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float =
     family += [p for p in descendants(proc.pid) if p not in family]
     alive = [p for p in family if p.is_running()]
     signal_all(alive, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=15)
+    wait_gone(alive, 15)
     if proc.poll() is None:
         kill_tree(proc)
     return proc.returncode
@@ -295,7 +318,7 @@ def start_serve(overrides: list[str], log_path: Path, env: dict | None = None,
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_status(f"{url}/health", timeout_s=10)[0] == 200, timeout_s, f"{url}/health → 200",
-                 interval_s=2.0, proc=proc, log_path=log_path)
+                 interval_s=0.5, proc=proc, log_path=log_path)
     except BaseException:
         stop_tree(proc)
         raise

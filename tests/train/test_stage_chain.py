@@ -41,8 +41,11 @@ def chain(tmp_path_factory, ray_local):
         with open_dict(cfg):
             for child, extra in child_overrides.items():
                 cfg.workflow.overrides[child] = extra
-            # only the cache steps have a `cache` section; after the demo's 64 in the same list, so it wins
+            # only the cache steps have a `cache` section; after the demo's settings in the same list, so these win.
+            # One encoding actor per cache: 48 images need no second one, and each actor imports the model stack.
             cfg.workflow.overrides["cache_64_aspect"].append("cache.min_bucket_samples=4")
+            for cache in ("cache_32", "cache_64", "cache_64_aspect"):
+                cfg.workflow.overrides[cache].append("cache.num_actors=1")
         result = execute("demo", cfg, overrides=[o for o in overrides if o != "stage=demo"])
     return root, result
 
