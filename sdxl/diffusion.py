@@ -139,11 +139,13 @@ def _generator_device(generator: torch.Generator | None, device) -> torch.device
 def diffusion_loss(unet, latents: torch.Tensor, cond: Conditioning, schedule: NoiseSchedule | None = None,
                    t_range=(0, NUM_TRAIN_TIMESTEPS), offset_noise: float = 0.0,
                    generator: torch.Generator | None = None, *, timesteps: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   noise: torch.Tensor | None = None, snr_gamma: float | None = None) -> tuple[torch.Tensor, dict]:
     """Eps-prediction loss for one batch: sample t and noise, noise the latents, MSE(unet(x_t, t, c), noise).
 
     ``latents`` are VAE latents already multiplied by the scale factor. ``timesteps``/``noise`` may be given
     explicitly (tests, evaluation at fixed levels); otherwise they are drawn from ``generator``.
+    ``snr_gamma``: Min-SNR-γ weighting (Hang et al. 2023), each sample's MSE times min(SNR_t, γ) / SNR_t, which
+    stops the low-noise levels from dominating the gradient; None = SDXL's uniform weighting.
     Returns the scalar loss (float32, with grad) and detached 0-dim tensors for logging (call ``float()`` on them
     when logging, so a training step does not force a device sync).
     """
@@ -166,7 +168,7 @@ def diffusion_loss(unet, latents: torch.Tensor, cond: Conditioning, schedule: No
     model_cond = cast_for_model(cond, model_dtype, latents.device)
     pred = unet(noisy.to(model_dtype), timesteps, **model_cond.unet_kwargs(), return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    loss = per_sample.mean()
+    loss = (per_sample * min_snr_weights(timesteps, snr_gamma, schedule)).mean() if snr_gamma else per_sample.mean()
     stats = {
         "loss": loss.detach(),
         "timestep_mean": timesteps.float().mean(),
@@ -176,6 +178,16 @@ def diffusion_loss(unet, latents: torch.Tensor, cond: Conditioning, schedule: No
         "loss_t_ge_200": _masked_mean(per_sample.detach(), timesteps >= REFINER_T_RANGE[1]),
     }
     return loss, stats
+
+
+def min_snr_weights(timesteps: torch.Tensor, gamma: float, schedule: NoiseSchedule | None = None) -> torch.Tensor:
+    """Min-SNR-γ loss weights for eps-prediction: min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 − ᾱ_t)."""
+    if not gamma or gamma <= 0:
+        raise ValueError(f"train.snr_gamma must be > 0 (e.g. 5.0) or null, got {gamma!r}")
+    schedule = schedule or default_schedule()
+    alphas = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=float(gamma)) / snr
 
 
 def check_conditioning(cond: Conditioning, batch: int | None, name: str = "cond") -> None:

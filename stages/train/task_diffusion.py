@@ -66,6 +66,10 @@ class DiffusionTask(TrainTask):
             # Not an error (an ablation may want it), but the paper trains the refiner on the first 200 levels only.
             log.warning("refiner trained on t_range=%s; SDXL uses [0, 200)", self.t_range)
         self.offset_noise = float(task_option(cfg, "offset_noise"))
+        gamma = task_option(cfg, "snr_gamma")
+        self.snr_gamma = None if gamma is None else float(gamma)
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"train.snr_gamma must be > 0 (e.g. 5.0) or null, got {gamma!r}")
         self.ucg_rate = float(task_option(cfg, "ucg_rate"))
         self.ucg_joint = bool(task_option(cfg, "ucg_joint"))
         self.cached = bool(cfg.loader.get("cached", False))
@@ -142,7 +146,7 @@ class DiffusionTask(TrainTask):
         latents = self._latents(batch, generator)
         cond = self._conditioning(batch, generator)
         loss, stats = diffusion_loss(model, latents, cond, t_range=self.t_range, offset_noise=self.offset_noise,
-                                     generator=generator)
+                                     generator=generator, snr_gamma=self.snr_gamma)
         metrics = {name: float(value) for name, value in stats.items()}
         return loss, {name: value for name, value in metrics.items() if math.isfinite(value)}
 
@@ -204,6 +208,7 @@ class DiffusionTask(TrainTask):
     def lineage_tags(self) -> dict[str, str]:
         tags = {"task": self.kind, "preset": self.preset.name, "parent_checkpoint": self.init_path or "scratch",
                 "t_range": f"{self.t_range[0]}-{self.t_range[1]}", "offset_noise": str(self.offset_noise),
+                "snr_gamma": str(self.snr_gamma),
                 # What CFG dropout replaced text by: serving and export read it back from final/info.json.
                 "unconditional": default_unconditional_kind(self.kind)}
         if self.frozen is not None:

@@ -35,6 +35,7 @@ TASK_DEFAULTS = {
     "ucg_rate": 0.1,  # CFG dropout per text encoder (Sec. 2.5 / SPEC)
     "ucg_joint": False,  # true: both encoders dropped together (the demo recipe; docs/decisions.md)
     "offset_noise": 0.0,
+    "snr_gamma": None,  # Min-SNR-γ loss weighting (e.g. 5.0); null = uniform, as SDXL trains
     "t_range": [0, 1000],
     "frozen_dtype": "float32",  # text encoders' dtype (the VAE always runs in float32)
 }

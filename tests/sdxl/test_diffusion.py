@@ -7,8 +7,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from sdxl.conditioner import Conditioning
-from sdxl.diffusion import (REFINER_T_RANGE, default_schedule, diffusion_loss, make_noise, q_sample,
-                            sample_timesteps, scaled_linear_schedule)
+from sdxl.diffusion import (REFINER_T_RANGE, default_schedule, diffusion_loss, make_noise, min_snr_weights,
+                            q_sample, sample_timesteps, scaled_linear_schedule)
 
 
 class RecordingUNet(torch.nn.Module):
@@ -129,6 +129,32 @@ def test_loss_is_plain_eps_mse_at_the_given_noise_and_timesteps():
     assert float(stats["timestep_mean"]) == pytest.approx(t.float().mean().item())
     assert float(stats["loss_t_lt_200"]) == pytest.approx(((unet.conv(x_t[:1]) - noise[:1]) ** 2).mean().item(),
                                                           rel=1e-5)
+
+
+def test_min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr():
+    unet = RecordingUNet()
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 900])
+    cond = _cond(3)
+    uniform, _ = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise)
+    weighted, stats = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise, snr_gamma=5.0)
+    x_t = unet.calls[1][0]
+    per_sample = ((unet.conv(x_t) - noise) ** 2).mean(dim=(1, 2, 3))
+    alphas = default_schedule().alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    assert snr[0] > 5 > snr[2]  # t=5 is clamped to gamma, t=900 keeps weight 1
+    weights = min_snr_weights(t, 5.0)
+    assert torch.allclose(weights, torch.clamp(snr, max=5.0) / snr)
+    assert weights[2] == 1 and weights[0] < 0.1
+    assert torch.allclose(weighted, (per_sample * weights).mean())
+    assert weighted < uniform
+    # the logged per-range losses stay unweighted, comparable with runs that do not weight
+    assert float(stats["loss_t_ge_200"]) == pytest.approx(per_sample[1:].mean().item(), rel=1e-5)
+    # a gamma above every level's SNR weights nothing
+    huge, _ = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise, snr_gamma=1e9)
+    assert torch.allclose(huge, uniform)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        min_snr_weights(t, -1.0)
 
 
 def test_loss_uses_the_refiner_range_and_is_reproducible():

@@ -103,6 +103,27 @@ def test_finetune_aspect_uses_offset_noise(root, monkeypatch):
     assert 0.0015 < excess < 0.0035
 
 
+def test_snr_gamma_weights_the_stage_loss_and_is_recorded(root, monkeypatch):
+    cfg = stage_cfg("pretrain256", root, overrides=["train.snr_gamma=5.0"])
+    task = make_task(cfg)
+    seen = []
+    real = sdxl.diffusion.min_snr_weights
+
+    def spy(timesteps, gamma, schedule=None):
+        seen.append(gamma)
+        return real(timesteps, gamma, schedule)
+
+    monkeypatch.setattr(sdxl.diffusion, "min_snr_weights", spy)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    loss, _ = task.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and seen == [5.0]
+    assert task.lineage_tags()["snr_gamma"] == "5.0"
+    assert make_task(stage_cfg("pretrain256", root)).lineage_tags()["snr_gamma"] == "None"
+    with pytest.raises(ValueError, match="train.snr_gamma"):
+        make_task(stage_cfg("pretrain256", root, overrides=["train.snr_gamma=0"]))
+
+
 def test_init_from_auto_loads_the_parent_ema(root):
     parent = build_unet("tiny", "base", seed=123)
     ema_dir = final_dir(stage_cfg("pretrain512", root), "pretrain256")
