@@ -168,7 +168,8 @@ def diffusion_loss(unet, latents: torch.Tensor, cond: Conditioning, schedule: No
     model_cond = cast_for_model(cond, model_dtype, latents.device)
     pred = unet(noisy.to(model_dtype), timesteps, **model_cond.unet_kwargs(), return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    loss = (per_sample * min_snr_weights(timesteps, snr_gamma, schedule)).mean() if snr_gamma else per_sample.mean()
+    weights = 1.0 if snr_gamma is None else min_snr_weights(timesteps, snr_gamma, schedule)
+    loss = (per_sample * weights).mean()
     stats = {
         "loss": loss.detach(),
         "timestep_mean": timesteps.float().mean(),
@@ -180,14 +181,24 @@ def diffusion_loss(unet, latents: torch.Tensor, cond: Conditioning, schedule: No
     return loss, stats
 
 
+def check_snr_gamma(gamma) -> float | None:
+    """``train.snr_gamma`` as a float > 0, or None (uniform weighting); anything else is a clear error."""
+    if gamma is None:
+        return None
+    if float(gamma) <= 0:
+        raise ValueError(f"train.snr_gamma must be > 0 (e.g. 5.0) or null, got {gamma!r}")
+    return float(gamma)
+
+
 def min_snr_weights(timesteps: torch.Tensor, gamma: float, schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """Min-SNR-γ loss weights for eps-prediction: min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 − ᾱ_t)."""
-    if not gamma or gamma <= 0:
-        raise ValueError(f"train.snr_gamma must be > 0 (e.g. 5.0) or null, got {gamma!r}")
+    gamma = check_snr_gamma(gamma)
+    if gamma is None:
+        raise ValueError("min_snr_weights needs a gamma; pass snr_gamma=None to diffusion_loss for uniform weights")
     schedule = schedule or default_schedule()
     alphas = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=float(gamma)) / snr
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def check_conditioning(cond: Conditioning, batch: int | None, name: str = "cond") -> None:

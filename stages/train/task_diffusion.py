@@ -21,7 +21,7 @@ from torch import nn
 from pipeline import storage
 from sdxl.conditioner import (Conditioning, TextEmbeddings, base_time_ids, default_unconditional_kind,
                               drop_text_conditioning, refiner_time_ids)
-from sdxl.diffusion import check_t_range, diffusion_loss
+from sdxl.diffusion import check_snr_gamma, check_t_range, diffusion_loss
 from sdxl.latent_scale import vae_downsample, vae_scaling_factor
 from sdxl.models import build_unet
 from sdxl.presets import get_preset
@@ -66,10 +66,7 @@ class DiffusionTask(TrainTask):
             # Not an error (an ablation may want it), but the paper trains the refiner on the first 200 levels only.
             log.warning("refiner trained on t_range=%s; SDXL uses [0, 200)", self.t_range)
         self.offset_noise = float(task_option(cfg, "offset_noise"))
-        gamma = task_option(cfg, "snr_gamma")
-        self.snr_gamma = None if gamma is None else float(gamma)
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"train.snr_gamma must be > 0 (e.g. 5.0) or null, got {gamma!r}")
+        self.snr_gamma = check_snr_gamma(task_option(cfg, "snr_gamma"))  # fails at start-up, not at the first step
         self.ucg_rate = float(task_option(cfg, "ucg_rate"))
         self.ucg_joint = bool(task_option(cfg, "ucg_joint"))
         self.cached = bool(cfg.loader.get("cached", False))

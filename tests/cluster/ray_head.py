@@ -110,7 +110,7 @@ class RayHead:
         """SIGTERM the head and its processes, SIGKILL what is left after ``grace_s``; remove the temp dir.
 
         (Ray's daemons do not exit on SIGTERM within seconds, and nothing of a test's head needs a clean shutdown,
-        so the grace is short: a teardown took 20 s with 5 s of grace and zombie-blind waits, 2 s now.)
+        so the grace is short: a teardown took 20 s with 5 s of grace and zombie-blind waits, 1 s now.)
         """
         if self.proc is None:
             return

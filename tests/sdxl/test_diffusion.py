@@ -112,11 +112,13 @@ def test_make_noise_rejects_bad_arguments():
         make_noise((4, 8), 0.05)
 
 
+def _fixed_loss_inputs():
+    """A recording UNet, 3 latents with their noise, timesteps on both sides of the refiner range, conditioning."""
+    return RecordingUNet(), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 300, 900]), _cond(3)
+
+
 def test_loss_is_plain_eps_mse_at_the_given_noise_and_timesteps():
-    unet = RecordingUNet()
-    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    t = torch.tensor([5, 300, 900])
-    cond = _cond(3)
+    unet, latents, noise, t, cond = _fixed_loss_inputs()
     loss, stats = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise)
     x_t, seen_t, context, added = unet.calls[0]
     assert torch.equal(seen_t, t) and context is cond.context and added["time_ids"] is cond.time_ids
@@ -132,10 +134,7 @@ def test_loss_is_plain_eps_mse_at_the_given_noise_and_timesteps():
 
 
 def test_min_snr_weighting_scales_each_sample_by_min_snr_gamma_over_snr():
-    unet = RecordingUNet()
-    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    t = torch.tensor([5, 300, 900])
-    cond = _cond(3)
+    unet, latents, noise, t, cond = _fixed_loss_inputs()
     uniform, _ = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise)
     weighted, stats = diffusion_loss(unet, latents, cond, timesteps=t, noise=noise, snr_gamma=5.0)
     x_t = unet.calls[1][0]
