@@ -90,6 +90,7 @@ def build_text_encoder_l(preset: ModelPreset | str, device: str | torch.device =
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_l"]):
         model = CLIPTextModel(CLIPTextConfig(**preset.text_encoder_l))
+        _init_text_embeddings(model, preset.text_embedding_std)
     return _place(model, device, dtype)
 
 
@@ -99,7 +100,23 @@ def build_text_encoder_g(preset: ModelPreset | str, device: str | torch.device =
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_g"]):
         model = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_g))
+        _init_text_embeddings(model, preset.text_embedding_std)
     return _place(model, device, dtype)
+
+
+def _init_text_embeddings(model: nn.Module, std: float | None) -> None:
+    """Redraw the token and position embeddings with ``std`` (the preset's ``text_embedding_std``); None keeps CLIP's.
+    Runs inside ``_init_context``, so the draw is seeded like the rest of the init."""
+    if std is None or next(model.parameters()).device.type == "meta":
+        return
+    embeddings = [module for name, module in model.named_modules()
+                  if name.endswith(("token_embedding", "position_embedding"))]
+    if len(embeddings) != 2:
+        raise RuntimeError(f"expected a token and a position embedding in {type(model).__name__}, "
+                           f"found {len(embeddings)}")
+    with torch.no_grad():
+        for module in embeddings:
+            module.weight.normal_(0.0, std)
 
 
 def build_text_encoders(preset: ModelPreset | str, device: str | torch.device = "cpu",

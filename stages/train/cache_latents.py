@@ -28,13 +28,14 @@ from safetensors.torch import save as safetensors_save
 from pipeline import storage
 from sdxl.buckets import bucket_name
 from sdxl.crops import bucket_crop_resize
+from sdxl.presets import get_preset
 from stages.train.bucket_schedule import merge_small_buckets
 from stages.train.data_loader import choose_caption, decode_rgb, original_size, pil_to_tensor
 from stages.train.data_manifest import dataset_dir_from_cfg, latent_cache_dir, select_samples, stage_buckets
 from stages.train.data_shards import TarShardReader, sample_member
 from stages.train.task_components import build_frozen_parts, encode_posterior, resolve_vae_source
 from stages.train.task_diffusion import UNCOND_FILE
-from stages.train.tasks import DIFFUSERS_WEIGHTS
+from stages.train.tasks import DIFFUSERS_WEIGHTS, task_option
 
 log = logging.getLogger(__name__)
 INFO_FILE = "cache_info.json"
@@ -61,7 +62,20 @@ def cache_identity(cfg) -> dict:
             "filter": lc.get("filter"), "top_k_by": OmegaConf.to_container(lc.top_k_by) if lc.get("top_k_by") else None,
             "synthetic_caption_prob": float(lc.synthetic_caption_prob), "seed": int(s["seed"]),
             "min_bucket_samples": int(s["min_bucket_samples"]), "dtype": s["dtype"],
-            "vae": vae_identity(cfg)}
+            "vae": vae_identity(cfg), "text_encoders": text_encoder_identity(cfg)}
+
+
+def text_encoder_identity(cfg) -> str:
+    """Which frozen text encoders encode the captions: pretrained ones by their source; random ones by everything
+    their weights follow from (the preset's text configs, embedding std and the seed), so a cache made with other
+    random encoders is recognised as stale."""
+    source = (cfg.get("model") or {}).get("pretrained")
+    if source:
+        return f"pretrained:{source}"
+    preset = get_preset(str(cfg.model.preset))
+    recipe = [preset.text_encoder_l, preset.text_encoder_g, preset.text_embedding_std, int(task_option(cfg, "seed"))]
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return f"random:{preset.name}@{digest}"
 
 
 def vae_identity(cfg) -> str:

@@ -9,7 +9,14 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from omegaconf import OmegaConf
 
-from sdxl.models import SDXLComponents, build_components, build_unet, count_parameters
+from sdxl.models import (
+    SDXLComponents,
+    build_components,
+    build_text_encoder_g,
+    build_text_encoder_l,
+    build_unet,
+    count_parameters,
+)
 from sdxl.presets import get_preset
 
 
@@ -60,6 +67,23 @@ def test_random_init_is_seeded_and_leaves_the_global_rng_alone(both):
     assert torch.equal(torch.random.get_rng_state(), state)
     assert _same_weights(again, both.unet)
     assert not _same_weights(build_unet("tiny", "base", seed=1), both.unet)
+
+
+def test_random_text_encoders_draw_their_embeddings_at_the_preset_std():
+    """The tiny preset's random encoders get token and position embeddings of std 0.5 (CLIP's init is 0.02, which
+    the random layers' mixing drowns); other weights keep CLIP's init, and the draw is seeded."""
+    tiny = get_preset("tiny")
+    assert tiny.text_embedding_std == 0.5 and get_preset("full").text_embedding_std is None
+    for build in (build_text_encoder_l, build_text_encoder_g):
+        encoder = build(tiny, seed=3)
+        embeddings = {name: module.weight for name, module in encoder.named_modules()
+                      if name.endswith(("token_embedding", "position_embedding"))}
+        assert len(embeddings) == 2
+        for weight in embeddings.values():
+            assert abs(float(weight.std()) - 0.5) < 0.02
+        clip_init = dataclasses.replace(tiny, text_embedding_std=None)
+        assert float(build(clip_init, seed=3).get_input_embeddings().weight.std()) < 0.03
+        assert _same_weights(build(tiny, seed=3), encoder)
 
 
 def test_meta_device_builds_have_no_storage():

@@ -93,6 +93,15 @@ def test_cache_with_other_settings_is_refused(root):
         _check_or_write_info(latent_cache_dir(other), cache_identity(other))
 
 
+def test_cache_of_other_random_text_encoders_is_refused(root):
+    """Random text encoders are drawn from train.seed: a cache encoded with other ones would hand the UNet contexts
+    that its sampling-time encoders never produce."""
+    fill_cache(stage_cfg("cache_latents", root, overrides=["loader.cache_name=shared"]))
+    other = stage_cfg("cache_latents", root, overrides=["loader.cache_name=shared", "train.seed=7"])
+    with pytest.raises(ValueError, match="cache_info.json.*text_encoders"):
+        _check_or_write_info(latent_cache_dir(other), cache_identity(other))
+
+
 def test_cache_of_a_retrained_vae_is_refused(root):
     """The VAE's weights are part of the cache's identity: after train_vae re-runs, neither the cache stage nor the
     training stage uses latents of the old weights."""
