@@ -66,6 +66,11 @@ def figures(markers: dict[str, dict]) -> dict:
         out[f"{name}_chance"] = round(float(score[f"{name}_chance"]), 3)
     out["reader_on_real_images"] = {k: round(float(v), 3) for k, v in score["reader_on_real_images"].items()
                                     if k.endswith("_accuracy")}
+    # What the autoencoder lets through (the demo reader on its reconstructions): ceilings on the scores above.
+    vae_metrics = markers["evaluate_vae"]["result"]["metrics"]
+    out["vae_readback"] = {name: round(float(vae_metrics[f"vae_readback_{name}"]), 3)
+                           for name in ("object_color", "background", "position")
+                           if vae_metrics.get(f"vae_readback_{name}") is not None}
     out["goals"] = GOALS
     out["meets_goals"] = {k: (out[k] <= goal if k == "steps_total_s" else out[k] >= goal) for k, goal in GOALS.items()}
     return out

@@ -14,7 +14,8 @@ def _write_markers(root, chain):
     for i, step in enumerate(chain):
         result = {"seconds": 10.0}
         if step == "evaluate_vae":
-            result["metrics"] = {"vae_psnr": 25.5}
+            result["metrics"] = {"vae_psnr": 25.5, "vae_readback_object_color": 0.61234,
+                                 "vae_readback_background": 1.0, "vae_readback_position": None}
         if step == "evaluate":
             result["prompt_following"] = {
                 "source": "diffusers", "num_images": 63, "object_color_accuracy": 0.5, "object_color_chance": 1 / 7,
@@ -35,6 +36,7 @@ def test_figures_sum_the_steps_and_compare_with_the_goals(tmp_path):
     assert out["meets_goals"] == {"vae_psnr_db": True, "object_color_accuracy": False, "background_accuracy": True,
                                   "position_accuracy": False, "steps_total_s": True}
     assert out["reader_on_real_images"] == {"background_accuracy": 1.0}
+    assert out["vae_readback"] == {"object_color": 0.612, "background": 1.0}  # position: no object was read
 
 
 def test_an_unfinished_demo_is_named(tmp_path):

@@ -2,6 +2,11 @@
 PSNR, SSIM, LPIPS (when trunk weights are supplied, ``evaluate.lpips_weights``) and rFID (FID between the held-out
 images and their reconstructions, with the ``evaluate.fid_weights`` network).
 
+On demo data (held-out captions in the demo vocabulary) it also reports the *read-back*: how often the
+prompt-following reader reads the same object colour, background and 3×3 cell from a reconstruction as from its
+original. The base model only ever sees the autoencoder's latents, so these are ceilings on its prompt-following
+scores (a hue the decoder shifts cannot come out right however well the base learns).
+
 The autoencoder is ``<root>/runs/train_vae/final/ema`` (or ``evaluate.checkpoint``), else the VAE the diffusion stages
 use (``model.pretrained``'s, or the preset's random init when ``evaluate.allow_random=true``). Reconstructions decode
 the posterior mean, the deterministic path.
@@ -69,6 +74,40 @@ class ReconstructionScores:
         return {**mean, "rfid": metrics.frechet_distance(real, fake), "num_images": int(real.shape[0])}
 
 
+class ReadbackAgreement:
+    """Demo-reader agreement between originals and their reconstructions (see the module docstring). Object colour
+    and position count only the originals in which the reader finds an object (a centre crop can cut it away)."""
+
+    def __init__(self):
+        self.pairs: list[tuple] = []
+
+    def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        """``originals`` uint8 [N, 3, H, W]; ``reconstructions`` in [0, 1]."""
+        from stages.evaluate.prompt_following import read_image
+
+        recon_u8 = (reconstructions.clamp(0, 1) * 255).round().to(torch.uint8)
+        for original, recon in zip(originals, recon_u8):
+            self.pairs.append((read_image(original.permute(1, 2, 0).numpy()),
+                               read_image(recon.permute(1, 2, 0).numpy())))
+
+    def result(self) -> dict:
+        if not self.pairs:
+            raise ValueError("no reconstructions to read back")
+        with_object = [(o, r) for o, r in self.pairs if o.object_color is not None]
+        share = (lambda hits, total: sum(hits) / total if total else None)
+        return {"object_color": share((o.object_color == r.object_color for o, r in with_object), len(with_object)),
+                "background": share((o.background == r.background for o, r in self.pairs), len(self.pairs)),
+                "position": share(((o.row, o.col) == (r.row, r.col) for o, r in with_object), len(with_object)),
+                "num_images": len(self.pairs), "num_with_object": len(with_object)}
+
+
+def is_demo_vocabulary(prompts: list[str]) -> bool:
+    """True when at least 90% of ``prompts`` parse as demo captions (the reader's colours mean nothing elsewhere)."""
+    from stages.evaluate.prompt_following import spec_from_caption
+
+    return bool(prompts) and sum(spec_from_caption(p) is not None for p in prompts) >= 0.9 * len(prompts)
+
+
 def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tensor, feature_net,
                            lpips_model=None) -> dict:
     """PSNR, SSIM, LPIPS (None without a model) and rFID of one set of reconstructions against its originals."""
@@ -112,10 +151,14 @@ def evaluate_vae(cfg: DictConfig, ctx: StageContext) -> dict:
     else:
         lpips_model = lpips_model.to(device)
     scores, rejects, pairs = ReconstructionScores(net.to(device), lpips_model), [], []
+    heldout = heldout_set(cfg, ctx)
+    readback = ReadbackAgreement() if is_demo_vocabulary(heldout.prompts) else None
     batch_size = int(ev.get("batch_size", 8))
-    for originals in iter_reference_batches(heldout_set(cfg, ctx), int(ev.resolution), batch_size, rejects):
+    for originals in iter_reference_batches(heldout, int(ev.resolution), batch_size, rejects):
         recon = reconstruct(vae, originals, batch_size)
         scores.add(originals, recon)
+        if readback is not None:
+            readback.add(originals, recon)
         if len(pairs) < 8:  # original ‖ reconstruction, side by side
             pairs += list(torch.cat([originals.float() / 255.0, recon], dim=3)[:8 - len(pairs)])
     check_references(scores.count, rejects, ctx.dataset_dir)
@@ -125,12 +168,25 @@ def evaluate_vae(cfg: DictConfig, ctx: StageContext) -> dict:
     lpips_state = "on" if lpips_model is not None else f"skipped: {lpips_reason}"
     preamble = (f"Autoencoder: {vae_source}; {row['num_images']} held-out images at {int(ev.resolution)} px. "
                 f"rFID features: {net_weights}. LPIPS: {lpips_state}.")
+    read = readback.result() if readback is not None else "skipped: the held-out captions are not demo data"
+    if isinstance(read, dict):
+        flat.update({f"vae_readback_{k}": read[k] for k in ("object_color", "background", "position")})
+        preamble += (" Demo reader on reconstructions vs originals (a ceiling on the base's prompt-following): "
+                     + ", ".join(f"{k.replace('_', ' ')} {_fmt(read[k])}" for k in ("object_color", "background",
+                                                                                     "position")) + ".")
+        log.info("autoencoder read-back on %d held-out demo images (%d with an object): object colour %s, "
+                 "background %s, position %s", read["num_images"], read["num_with_object"],
+                 _fmt(read["object_color"]), _fmt(read["background"]), _fmt(read["position"]))
     summary = {"kind": "vae", "checkpoint": ref.description, "vae_source": vae_source,
                "feature_weights": net_weights, "lpips": lpips_state, "num_references": row["num_images"],
-               "reference_rejects": len(rejects), "rows": [row], "metrics": flat}
+               "reference_rejects": len(rejects), "rows": [row], "readback": read, "metrics": flat}
     files = {"results.csv": plots.table_csv([row], TABLE_COLUMNS),
              "results.md": plots.table_markdown([row], TABLE_COLUMNS, preamble),
              "reconstructions.png": grid_png_bytes(to_pil(torch.stack(pairs)), cols=2),
              "summary.json": json.dumps(summary, indent=2, sort_keys=True).encode("utf-8")}
     published = report.publish(ctx, ref, files, flat, [], bool(ev.get("log_to_training_run", True)))
     return {**summary, **published}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

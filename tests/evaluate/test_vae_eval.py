@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -74,6 +75,46 @@ def test_reconstruct_returns_images_in_range():
     assert out.shape == (3, 3, 16, 16) and out.min() >= 0 and out.max() <= 1
 
 
+def _demo_batch(count: int, side: int = 48) -> torch.Tensor:
+    """uint8 [N, 3, side, side] demo images (a coloured shape on a plain background), as the held-out loader gives."""
+    from stages.data.demo_data import render
+    from tests.evaluate import demo_params
+
+    images = [render(demo_params(i, side)).resize((side, side)) for i in range(count)]
+    return torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+
+
+def test_readback_of_a_perfect_and_a_hue_shifting_autoencoder():
+    originals = _demo_batch(14)
+    perfect = vae_eval.ReadbackAgreement()
+    perfect.add(originals, originals.float() / 255)
+    result = perfect.result()
+    assert result["num_images"] == result["num_with_object"] == 14
+    assert result["object_color"] == result["background"] == result["position"] == 1.0
+    swapped = vae_eval.ReadbackAgreement()  # RGB → BRG: every hue moves, the shapes stay where they were
+    swapped.add(originals, originals[:, [2, 0, 1]].float() / 255)
+    shifted = swapped.result()
+    # white, gray and black backgrounds survive a channel permutation; blue, brown and beige do not
+    assert shifted["object_color"] < 0.5 and shifted["background"] < 0.75
+
+
+def test_readback_counts_colour_and_position_only_where_the_original_shows_an_object():
+    plain = torch.full((2, 3, 32, 32), 0, dtype=torch.uint8)  # black: a demo background, no object
+    readback = vae_eval.ReadbackAgreement()
+    readback.add(plain, plain.float() / 255)
+    assert readback.result() == {"object_color": None, "background": 1.0, "position": None, "num_images": 2,
+                                 "num_with_object": 0}
+    with pytest.raises(ValueError, match="read back"):
+        vae_eval.ReadbackAgreement().result()
+
+
+def test_readback_runs_only_on_demo_captions():
+    assert vae_eval.is_demo_vocabulary(["a red circle in the top left on a blue background"] * 9 + ["a photo"])
+    assert not vae_eval.is_demo_vocabulary(["a photo of a dog"] * 5 + ["a red circle in the top left on a blue "
+                                                                        "background"])
+    assert not vae_eval.is_demo_vocabulary([])
+
+
 @pytest.mark.slow  # an MLflow SQLite store and a tiny VAE over the held-out images: ~15 s on a loaded box
 def test_vae_stage_logs_reconstruction_metrics(tmp_path, alex_trunk):
     root = str(tmp_path / "root")
@@ -89,3 +130,7 @@ def test_vae_stage_logs_reconstruction_metrics(tmp_path, alex_trunk):
     logged = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).get_run(tracker.run_id).data.metrics
     assert {"vae_psnr", "vae_ssim", "vae_lpips", "vae_rfid"} <= set(logged)
     assert logged["vae_lpips"] > 0 and logged["vae_rfid"] >= 0
+    # demo captions: the reader's agreement between originals and reconstructions is reported and logged
+    assert summary["readback"]["num_images"] == summary["num_references"]
+    for key in ("object_color", "background", "position"):
+        assert f"vae_readback_{key}" in logged and 0 <= logged[f"vae_readback_{key}"] <= 1
