@@ -90,7 +90,7 @@ def build_text_encoder_l(preset: ModelPreset | str, device: str | torch.device =
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_l"]):
         model = CLIPTextModel(CLIPTextConfig(**preset.text_encoder_l))
-        _init_text_embeddings(model, preset.text_embedding_std)
+        _init_text_embeddings(model, preset.clip_l_embedding_std)
     return _place(model, device, dtype)
 
 
@@ -100,12 +100,11 @@ def build_text_encoder_g(preset: ModelPreset | str, device: str | torch.device =
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_g"]):
         model = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_g))
-        _init_text_embeddings(model, preset.text_embedding_std)
     return _place(model, device, dtype)
 
 
 def _init_text_embeddings(model: nn.Module, std: float | None) -> None:
-    """Redraw the token and position embeddings with ``std`` (the preset's ``text_embedding_std``); None keeps CLIP's.
+    """Redraw the token and position embeddings with ``std`` (the preset's ``clip_l_embedding_std``); None keeps CLIP's.
     Runs inside ``_init_context``, so the draw is seeded like the rest of the init."""
     if std is None or next(model.parameters()).device.type == "meta":
         return

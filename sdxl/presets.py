@@ -41,9 +41,9 @@ class ModelPreset:
     text_encoder_g: dict
     vae_scale_factor: float = SDXL_VAE_SCALE_FACTOR
     tokenizer_max_length: int = TOKENIZER_MAX_LENGTH
-    # Std of the token and position embeddings of *randomly initialised* text encoders; None keeps CLIP's init
-    # (0.02). Pretrained encoders keep their weights whatever this says.
-    text_embedding_std: float | None = None
+    # Std of the token and position embeddings of a *randomly initialised* CLIP-L text encoder; None keeps CLIP's
+    # init (0.02). bigG always keeps CLIP's init, and pretrained encoders keep their weights whatever this says.
+    clip_l_embedding_std: float | None = None
 
     def unet_config(self, kind: str) -> dict:
         if kind == "base":
@@ -190,9 +190,10 @@ def _tiny() -> ModelPreset:
         text_encoder_l=text_l,
         text_encoder_g=text_g,
         # A random 2-layer encoder with CLIP's 0.02 embeddings buries each token under its random mixing of the
-        # others (std ~0.5), so the UNet can hardly tell one prompt from another; at 0.5 the token survives and the
-        # demo base learns the background colour in half the steps (docs/decisions.md, 2026-12-01).
-        text_embedding_std=0.5,
+        # others (std ~0.5); at 0.5 CLIP-L's tokens survive into the context. bigG keeps CLIP's init: its pooled
+        # output, the prompt mixed into one vector, then still carries the object's colour (docs/decisions.md,
+        # 2026-12-01: the demo's base scored colour 0.40 / background 0.90 this way, 0.16 / 0.95 with both at 0.5).
+        clip_l_embedding_std=0.5,
     )
 
 

@@ -73,7 +73,7 @@ def text_encoder_identity(cfg) -> str:
     if source:
         return f"pretrained:{source}"
     preset = get_preset(str(cfg.model.preset))
-    recipe = [preset.text_encoder_l, preset.text_encoder_g, preset.text_embedding_std, int(task_option(cfg, "seed"))]
+    recipe = [preset.text_encoder_l, preset.text_encoder_g, preset.clip_l_embedding_std, int(task_option(cfg, "seed"))]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return f"random:{preset.name}@{digest}"
 
