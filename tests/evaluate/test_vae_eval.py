@@ -81,7 +81,7 @@ def _demo_batch(count: int, side: int = 48) -> torch.Tensor:
     from tests.evaluate import demo_params
 
     images = [render(demo_params(i, side)).resize((side, side)) for i in range(count)]
-    return torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
 
 
 def test_readback_of_a_perfect_and_a_hue_shifting_autoencoder():
