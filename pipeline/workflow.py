@@ -13,15 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from pipeline import storage
 from pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+_ABSENT = object()
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -45,13 +50,52 @@ def _is_done(marker_uri: str, digest: str, expected: list[str]) -> bool:
     return all(storage.exists(path) for path in [*expected, *marker.get("outputs", [])])
 
 
+def _for_the_chain(override: str) -> bool:
+    """`stage=` and `workflow.*` configure the chain itself (e.g. `workflow.chain=[...]`); its stages lack them."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key == "stage" or key.startswith("workflow.")
+
+
+def _is_group_choice(override: str) -> bool:
+    """`preset=full`, `model=...`: a config group choice, which every stage's config accepts."""
+    key = override.split("=", 1)[0]
+    return "." not in key and not key.startswith(("+", "~")) and os.path.isdir(os.path.join(CONF_DIR, key))
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True) is not _ABSENT
+    except MissingMandatoryValue:  # a `???` value: the key exists and waits for this very override
+        return True
+
+
+def _form_for_step(override: str, base: DictConfig) -> str | None:
+    """How one user override applies to a step whose config (without the user's overrides) is ``base``: as given;
+    as `key=value` when it is a `+key=value` for a key this step already has (the `+` only got it past the chain's
+    own config); or not at all (None) when this step has no such key."""
+    if override.startswith("++") or _is_group_choice(override):
+        return override
+    if _has_key(base, override.split("=", 1)[0].lstrip("+~")):
+        return override[1:] if override.startswith("+") and not override.startswith("++") else override
+    return None
+
+
+def applicable_overrides(stage: str, user_overrides: list[str], extra: list[str]) -> list[str]:
+    """The user's overrides in the form that applies to this step, leaving out those for keys it lacks:
+    `stage=demo +cache.num_actors=1` sets the cache steps' actors and leaves the training steps, which have no `cache`
+    section, alone. :func:`run_chain` refuses an override that no step has, so a misspelt key is never dropped
+    silently."""
+    kept = [o for o in user_overrides if not _for_the_chain(o)]
+    groups = [o for o in kept if _is_group_choice(o)]
+    base = compose(config_name="config", overrides=[*extra, *groups, f"stage={stage}"])
+    return [form for form in (_form_for_step(o, base) for o in kept) if form is not None]
+
+
 def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]) -> DictConfig:
-    # `workflow.*` configures the chain itself (e.g. `workflow.chain=[...]` on the command line); its stages lack it.
-    kept = [o for o in user_overrides
-            if not o.split("=", 1)[0].lstrip("+~") in ("stage",) and not o.lstrip("+~").startswith("workflow.")]
     # The user's command line comes after the chain's per-step overrides, so it wins over them (as it wins over the
     # stage files): `stage=demo train.max_steps=2` trains every stage for 2 steps.
-    return compose(config_name="config", overrides=[*extra, *kept, f"stage={stage}"])
+    applied = applicable_overrides(stage, user_overrides, extra)
+    return compose(config_name="config", overrides=[*extra, *applied, f"stage={stage}"])
 
 
 def _flatten(overrides: list) -> list[str]:
@@ -72,10 +116,16 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     results: dict[str, dict] = {}
     aliases = cfg.workflow.get("aliases")
     aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
+    steps = []
     for step in chain:
         stage = str(aliases.get(step, step))
         extra = [f"paths.root={ctx.root}", *_flatten(per_stage.get(step, []))]
-        stage_cfg = compose_stage_config(stage, user, extra)
+        applied = applicable_overrides(stage, user, extra)
+        steps.append((step, stage, extra, applied))
+    steps = _add_new_keys_everywhere(user, steps)
+    _check_every_override_applies(user, steps, name)
+    for step, stage, extra, applied in steps:
+        stage_cfg = compose(config_name="config", overrides=[*extra, *applied, f"stage={stage}"])
         digest = config_hash(stage_cfg)
         marker = storage.join(ctx.root, "workflow", name, f"{step}.json")
         expected = get_stage(stage).expected_outputs(stage_cfg)
@@ -84,11 +134,36 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
             results[step] = {"skipped": True}
             continue
         log.info("workflow %s: running %s", name, step if step == stage else f"{step} ({stage})")
-        result = execute(stage, stage_cfg, overrides=[*user, *extra], parent_run_id=ctx.run_id)
+        result = execute(stage, stage_cfg, overrides=[*applied, *extra], parent_run_id=ctx.run_id)
         storage.write_json_atomic(marker, {"config_hash": digest, "finished_at": time.time(),
                                            "outputs": result.get("outputs", []), "result": result})
         results[step] = result
     return {"workflow": name, "stages": results}
+
+
+def _used(user: list[str], steps: list[tuple]) -> set[str]:
+    forms = {o for *_, applied in steps for o in applied}
+    return {o for o in user if o in forms or (o.startswith("+") and not o.startswith("++") and o[1:] in forms)}
+
+
+def _add_new_keys_everywhere(user: list[str], steps: list[tuple]) -> list[tuple]:
+    """A `+key=value` that no step has is a real addition: every step gets it, as Hydra would add it."""
+    used = _used(user, steps)
+    new_keys = [o for o in user if o.startswith("+") and not o.startswith("++") and o not in used
+                and not _for_the_chain(o)]
+    return [(step, stage, extra, [*applied, *new_keys]) for step, stage, extra, applied in steps]
+
+
+def _check_every_override_applies(user: list[str], steps: list[tuple], name: str) -> None:
+    used = _used(user, steps)
+    unused = [o for o in user if o not in used and not _for_the_chain(o)]
+    if unused:
+        raise ValueError(f"workflow {name}: no step of the chain has a key for {unused} (check the spelling; "
+                         f"`+workflow.overrides.<step>=[...]` sets one step)")
+    for step, _, _, applied in steps:
+        left_out = [o for o in user if o not in _used(user, [(step, None, None, applied)]) and not _for_the_chain(o)]
+        if left_out:
+            log.info("workflow %s: %s has no key for %s; they apply to the other steps", name, step, left_out)
 
 
 def run_demo(cfg: DictConfig, ctx: StageContext) -> dict:

@@ -77,3 +77,33 @@ def test_the_command_line_wins_over_the_chains_per_step_overrides():
                                                                                           "train.lr=0.002"])
     assert recipe.train.max_steps == 800 and recipe.train.lr == 0.002
     assert user.train.max_steps == 2 and user.train.lr == 0.002  # only what the user named is replaced
+
+
+def test_a_chain_override_reaches_the_steps_that_have_its_key():
+    """`stage=demo +cache.num_actors=1`: the `+` gets the key past the demo's own config; the cache steps get
+    `cache.num_actors=1` (their per-step value is replaced, not appended to), the training steps, without a `cache`
+    section, are left alone, and group choices and keys every stage has reach every step."""
+    from pipeline.workflow import applicable_overrides, compose_stage_config
+
+    user = ["+cache.num_actors=1", "train.max_steps=3", "preset=tiny", "stage=demo", "workflow.chain=[data]"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        assert applicable_overrides("cache_latents", user, ["cache.num_actors=2"]) == [
+            "cache.num_actors=1", "train.max_steps=3", "preset=tiny"]
+        assert applicable_overrides("train_vae", user, []) == ["train.max_steps=3", "preset=tiny"]
+        assert compose_stage_config("cache_latents", user, ["cache.num_actors=2"]).cache.num_actors == 1
+        trainer = compose_stage_config("train_vae", user, [])
+    assert "cache" not in trainer and trainer.train.max_steps == 3
+
+
+def test_a_chain_refuses_an_override_no_step_has(tmp_path):
+    """A key no step of the chain has (here handed to the workflow directly, past Hydra's own check of the command
+    line) stops the chain before any step runs, instead of being dropped."""
+    import pytest
+
+    root = str(tmp_path / "root")
+    overrides = [f"paths.root={root}", "stage=demo", "workflow.chain=[demo_data,model_summary]", "demo.num_images=4"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+        with pytest.raises(ValueError, match=r"no step of the chain has a key for \['demo.num_imagez=3'\]"):
+            execute("demo", cfg, overrides=[*overrides[:2], overrides[3], "demo.num_imagez=3"])
+    assert not os.path.exists(os.path.join(root, "workflow", "demo", "demo_data.json"))
