@@ -56,6 +56,11 @@ def _for_the_chain(override: str) -> bool:
     return key == "stage" or key.startswith("workflow.")
 
 
+def _adds_a_key(override: str) -> bool:
+    """`+key=value` (Hydra's append), not `++key=value` (append or override)."""
+    return override.startswith("+") and not override.startswith("++")
+
+
 def _is_group_choice(override: str) -> bool:
     """`preset=full`, `model=...`: a config group choice, which every stage's config accepts."""
     key = override.split("=", 1)[0]
@@ -76,7 +81,7 @@ def _form_for_step(override: str, base: DictConfig) -> str | None:
     if override.startswith("++") or _is_group_choice(override):
         return override
     if _has_key(base, override.split("=", 1)[0].lstrip("+~")):
-        return override[1:] if override.startswith("+") and not override.startswith("++") else override
+        return override[1:] if _adds_a_key(override) else override
     return None
 
 
@@ -91,11 +96,14 @@ def applicable_overrides(stage: str, user_overrides: list[str], extra: list[str]
     return [form for form in (_form_for_step(o, base) for o in kept) if form is not None]
 
 
-def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]) -> DictConfig:
+def _compose(stage: str, extra: list[str], applied: list[str]) -> DictConfig:
     # The user's command line comes after the chain's per-step overrides, so it wins over them (as it wins over the
     # stage files): `stage=demo train.max_steps=2` trains every stage for 2 steps.
-    applied = applicable_overrides(stage, user_overrides, extra)
     return compose(config_name="config", overrides=[*extra, *applied, f"stage={stage}"])
+
+
+def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]) -> DictConfig:
+    return _compose(stage, extra, applicable_overrides(stage, user_overrides, extra))
 
 
 def _flatten(overrides: list) -> list[str]:
@@ -125,7 +133,7 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     steps = _add_new_keys_everywhere(user, steps)
     _check_every_override_applies(user, steps, name)
     for step, stage, extra, applied in steps:
-        stage_cfg = compose(config_name="config", overrides=[*extra, *applied, f"stage={stage}"])
+        stage_cfg = _compose(stage, extra, applied)
         digest = config_hash(stage_cfg)
         marker = storage.join(ctx.root, "workflow", name, f"{step}.json")
         expected = get_stage(stage).expected_outputs(stage_cfg)
@@ -143,14 +151,13 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
 
 def _used(user: list[str], steps: list[tuple]) -> set[str]:
     forms = {o for *_, applied in steps for o in applied}
-    return {o for o in user if o in forms or (o.startswith("+") and not o.startswith("++") and o[1:] in forms)}
+    return {o for o in user if o in forms or (_adds_a_key(o) and o[1:] in forms)}
 
 
 def _add_new_keys_everywhere(user: list[str], steps: list[tuple]) -> list[tuple]:
     """A `+key=value` that no step has is a real addition: every step gets it, as Hydra would add it."""
     used = _used(user, steps)
-    new_keys = [o for o in user if o.startswith("+") and not o.startswith("++") and o not in used
-                and not _for_the_chain(o)]
+    new_keys = [o for o in user if _adds_a_key(o) and o not in used and not _for_the_chain(o)]
     return [(step, stage, extra, [*applied, *new_keys]) for step, stage, extra, applied in steps]
 
 
