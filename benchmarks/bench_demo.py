@@ -66,6 +66,13 @@ def figures(markers: dict[str, dict]) -> dict:
         out[f"{name}_chance"] = round(float(score[f"{name}_chance"]), 3)
     out["reader_on_real_images"] = {k: round(float(v), 3) for k, v in score["reader_on_real_images"].items()
                                     if k.endswith("_accuracy")}
+    # How much worse the base denoises held-out images when the caption names a wrong value (0: the word is ignored);
+    # absent from demo runs before the measure existed.
+    use = score.get("conditioning_use")
+    if use:
+        out["conditioning_use"] = {name: {"gain": round(float(use[name]["gain"]), 3),
+                                          "z": round(float(use[name]["z"]), 1)}
+                                   for name in ("object_color", "background", "position")}
     # What the autoencoder lets through (the demo reader on its reconstructions): ceilings on the scores above.
     vae_metrics = markers["evaluate_vae"]["result"]["metrics"]
     out["vae_readback"] = {name: round(float(vae_metrics[f"vae_readback_{name}"]), 3)

@@ -20,7 +20,9 @@ def _write_markers(root, chain):
             result["prompt_following"] = {
                 "source": "diffusers", "num_images": 63, "object_color_accuracy": 0.5, "object_color_chance": 1 / 7,
                 "background_accuracy": 0.95, "background_chance": 1 / 6, "position_accuracy": 0.2,
-                "position_chance": 1 / 9, "reader_on_real_images": {"background_accuracy": 1.0, "num_images": 9}}
+                "position_chance": 1 / 9, "reader_on_real_images": {"background_accuracy": 1.0, "num_images": 9},
+                "conditioning_use": {name: {"gain": gain, "z": 4.04, "gain_per_timestep": {}}
+                                     for name, gain in (("object_color", 0.0812), ("background", 5.4), ("position", 0.0))}}
         folder = root / "workflow" / "demo"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{step}.json").write_text(json.dumps({"finished_at": start + 10.0 * (i + 1), "result": result}))
@@ -37,6 +39,8 @@ def test_figures_sum_the_steps_and_compare_with_the_goals(tmp_path):
                                   "position_accuracy": False, "steps_total_s": True}
     assert out["reader_on_real_images"] == {"background_accuracy": 1.0}
     assert out["vae_readback"] == {"object_color": 0.612, "background": 1.0}  # position: no object was read
+    assert out["conditioning_use"]["object_color"] == {"gain": 0.081, "z": 4.0}
+    assert out["conditioning_use"]["position"]["gain"] == 0.0
 
 
 def test_an_unfinished_demo_is_named(tmp_path):

@@ -4,7 +4,9 @@ Generates one image per held-out demo prompt (prompt_following.py) either with o
 (``backend=native``) or with diffusers' ``StableDiffusionXLPipeline`` on an exported folder (``backend=diffusers``,
 what a user of the export gets), reads colour / background / position from the pixels and scores them against the
 prompts. The reader itself is checked on the held-out split's real images (``reader_accuracy``), so a low score
-means the model, not the measure. Writes ``prompt_following.json`` and ``prompt_following_grid.png``.
+means the model, not the measure. The same model's *conditioning use* (conditioning_use.py: how much worse it
+denoises held-out images when a word of the caption is wrong) comes with it, which shows partial learning that the
+read-back cannot. Writes ``prompt_following.json`` and ``prompt_following_grid.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import torch
 
 from pipeline import storage
+from stages.evaluate.conditioning_use import ATTRIBUTES, conditioning_use
 from stages.evaluate.prompt_following import (heldout_specs, labelled_grid, read_image, reading_dict, score,
                                               spec_from_caption)
 
@@ -30,11 +33,13 @@ def settings(cfg) -> dict:
            "steps": int(pf.get("steps") or ev.steps), "sampler": str(pf.get("sampler") or ev.sampler),
            "resolution": int(pf.get("resolution") or ev.resolution), "backend": str(pf.get("backend", "native")),
            "diffusers_dir": pf.get("diffusers_dir"), "batch_size": int(pf.get("batch_size") or ev.batch_size),
-           "num_validation": int(pf.get("num_validation", 200))}
+           "num_validation": int(pf.get("num_validation", 200)), "use_images": int(pf.get("use_images", 128))}
     if out["backend"] not in BACKENDS:
         raise ValueError(f"evaluate.prompt_following.backend must be one of {list(BACKENDS)}, got {out['backend']!r}")
     if out["num_prompts"] < 1 or out["batch_size"] < 1:
         raise ValueError("evaluate.prompt_following.num_prompts and batch_size must be >= 1")
+    if out["use_images"] < 2:
+        raise ValueError(f"evaluate.prompt_following.use_images must be >= 2, got {out['use_images']}")
     return out
 
 
@@ -51,50 +56,104 @@ def training_captions(dataset_dir: str) -> tuple[list[str], list]:
     return captions, specs
 
 
-def reader_accuracy(dataset_dir: str, val_fraction: float, resolution: int, limit: int) -> dict:
-    """The reader on real held-out demo images (shorter side resized to ``resolution``): it should score ≈ 1."""
-    from PIL import Image
-
+def _heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int):
+    """(manifest row, spec, RGB image) of each held-out image whose caption is in the demo vocabulary."""
     from stages.data.sources import decode_rgb
     from stages.evaluate.heldout import heldout_samples
     from stages.train.data_shards import TarShardReader
 
     heldout = heldout_samples(dataset_dir, val_fraction, limit)
     reader = TarShardReader(dataset_dir)
-    readings, specs = [], []
     try:
         for row, caption in zip(heldout.rows.itertuples(index=False), heldout.prompts):
             spec = spec_from_caption(caption)
             if spec is None:
                 continue
-            image = decode_rgb(reader.image_bytes(str(row.shard), str(getattr(row, "member_key", None) or row.key)))
-            factor = resolution / min(image.size)
-            size = (max(8, round(image.size[0] * factor)), max(8, round(image.size[1] * factor)))
-            readings.append(read_image(image.resize(size, Image.Resampling.BICUBIC)))
-            specs.append(spec)
+            try:
+                image = decode_rgb(reader.image_bytes(str(row.shard), str(getattr(row, "member_key", None) or row.key)))
+            except (OSError, ValueError) as err:  # a shard member that no longer decodes: skipped, and said so
+                log.warning("held-out image %s skipped: %s", row.key, err)
+                continue
+            yield row, spec, image
     finally:
         reader.close()
+
+
+def reader_accuracy(dataset_dir: str, val_fraction: float, resolution: int, limit: int) -> dict:
+    """The reader on real held-out demo images (shorter side resized to ``resolution``): it should score ≈ 1."""
+    from PIL import Image
+
+    readings, specs = [], []
+    for _, spec, image in _heldout_demo_images(dataset_dir, val_fraction, limit):
+        factor = resolution / min(image.size)
+        size = (max(8, round(image.size[0] * factor)), max(8, round(image.size[1] * factor)))
+        readings.append(read_image(image.resize(size, Image.Resampling.BICUBIC)))
+        specs.append(spec)
     if not specs:
         raise ValueError(f"no held-out demo images to check the reader on in {dataset_dir}")
     return score(readings, specs)
 
 
-def _native_images(cfg, ctx, prompts: list[str], s: dict) -> tuple[list, str]:
-    from sdxl.sampling import to_pil
-    from stages.evaluate.generate import build_generator, generate_batches, pick_device, resolve_checkpoint
+@torch.no_grad()
+def heldout_latents(dataset_dir: str, val_fraction: float, resolution: int, limit: int, vae, scale: float
+                    ) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(scaled latents, specs, base time ids) of held-out demo images: shorter side resized to ``resolution``, centre
+    crop (the crop Alg. 1 takes with a centred offset), c_size from the manifest's original size."""
+    import numpy as np
+    from PIL import Image
+
+    from sdxl.conditioner import base_time_ids
+
+    crops, specs, sizes, offsets = [], [], [], []
+    for row, spec, image in _heldout_demo_images(dataset_dir, val_fraction, limit):
+        factor = resolution / min(image.size)
+        w, h = max(resolution, round(image.size[0] * factor)), max(resolution, round(image.size[1] * factor))
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        crop = image.resize((w, h), Image.Resampling.BICUBIC).crop((left, top, left + resolution, top + resolution))
+        crops.append(np.asarray(crop, dtype=np.float32))
+        specs.append(spec)
+        sizes.append((int(getattr(row, "orig_h", image.size[1])), int(getattr(row, "orig_w", image.size[0]))))
+        offsets.append((top, left))
+    if len(specs) < 2:
+        raise ValueError(f"conditioning use needs >= 2 held-out demo images in {dataset_dir}, found {len(specs)}")
+    pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    latents = torch.cat([vae.encode(pixels[i:i + 32].to(device, dtype)).latent_dist.mean.float()
+                         for i in range(0, len(specs), 32)]) * scale
+    time_ids = base_time_ids(sizes, offsets, (resolution, resolution), len(specs))
+    return latents, specs, time_ids
+
+
+def measure_conditioning_use(model, backend: str, dataset_dir: str, val_fraction: float, s: dict) -> dict:
+    """conditioning_use.py's gains for the evaluated model on the held-out split at the evaluation resolution."""
+    unet, vae, scale, encode = _parts_for_use(model, backend)
+    latents, specs, time_ids = heldout_latents(dataset_dir, val_fraction, s["resolution"], s["use_images"], vae,
+                                               scale)
+    return conditioning_use(unet, encode, latents, specs, time_ids, seed=s["seed"], batch_size=s["batch_size"])
+
+
+def _native_parts(cfg, ctx):
+    """Our sampler's pieces (stages.evaluate.generate.Generator) on the configured checkpoint, and its description."""
+    from stages.evaluate.generate import build_generator, pick_device, resolve_checkpoint
 
     ev = cfg.evaluate
     ref = resolve_checkpoint(ev.get("checkpoint"), ctx.root, "base", bool(ev.get("allow_random", False)),
                              ctx.tracking_uri)
-    gen = build_generator(ref, cfg, pick_device(str(ev.get("device", "auto"))))
+    return build_generator(ref, cfg, pick_device(str(ev.get("device", "auto")))), ref.description
+
+
+def _native_images(gen, prompts: list[str], s: dict) -> list:
+    from sdxl.sampling import to_pil
+    from stages.evaluate.generate import generate_batches
+
     gen.resolution, gen.steps, gen.sampler, gen.seed = s["resolution"], s["steps"], s["sampler"], s["seed"]
     images = []
     for batch, _ in generate_batches(gen, prompts, s["guidance_scale"], s["batch_size"]):
         images += to_pil(batch)
-    return images, ref.description
+    return images
 
 
-def _diffusers_images(cfg, ctx, prompts: list[str], s: dict) -> tuple[list, str]:
+def _diffusers_pipeline(cfg, ctx, s: dict):
     from diffusers import StableDiffusionXLPipeline
 
     from sdxl.sampling import make_scheduler
@@ -106,13 +165,29 @@ def _diffusers_images(cfg, ctx, prompts: list[str], s: dict) -> tuple[list, str]
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.scheduler = make_scheduler(s["sampler"])
     pipe.set_progress_bar_config(disable=True)
+    return pipe, f"diffusers StableDiffusionXLPipeline ({folder})"
+
+
+def _diffusers_images(pipe, prompts: list[str], s: dict) -> list:
     images = []
     for index, start in enumerate(range(0, len(prompts), s["batch_size"])):
         generator = torch.Generator().manual_seed(s["seed"] + index)
         out = pipe(prompt=prompts[start:start + s["batch_size"]], height=s["resolution"], width=s["resolution"],
                    num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"], generator=generator)
         images += list(out.images)
-    return images, f"diffusers StableDiffusionXLPipeline ({folder})"
+    return images
+
+
+def _parts_for_use(model, backend: str):
+    """(unet, vae, latent scale, encode: prompts → (context, pooled)) of the evaluated model."""
+    if backend == "diffusers":
+        def encode(prompts):
+            embeds, _, pooled, _ = model.encode_prompt(prompt=prompts, device=model.unet.device,
+                                                       do_classifier_free_guidance=False)
+            return embeds, pooled
+
+        return model.unet, model.vae, float(model.vae.config.scaling_factor), encode
+    return model.unet, model.vae, float(model.vae_scale_factor), model.conditioner.encode
 
 
 def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
@@ -121,12 +196,17 @@ def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
     captions, _ = training_captions(ctx.dataset_dir)
     specs = heldout_specs(s["num_prompts"], s["seed"], exclude_prompts=captions)
     prompts = [spec.prompt for spec in specs]
-    make = _diffusers_images if s["backend"] == "diffusers" else _native_images
-    images, source = make(cfg, ctx, prompts, s)
+    if s["backend"] == "diffusers":
+        model, source = _diffusers_pipeline(cfg, ctx, s)
+        images = _diffusers_images(model, prompts, s)
+    else:
+        model, source = _native_parts(cfg, ctx)
+        images = _native_images(model, prompts, s)
     readings = [read_image(image) for image in images]
     scores = score(readings, specs)
     reader = reader_accuracy(ctx.dataset_dir, float(cfg.evaluate.val_fraction), s["resolution"], s["num_validation"])
-    summary = {**scores, "source": source, "settings": s,
+    use = measure_conditioning_use(model, s["backend"], ctx.dataset_dir, float(cfg.evaluate.val_fraction), s)
+    summary = {**scores, "source": source, "settings": s, "conditioning_use": use,
                "reader_on_real_images": {k: v for k, v in reader.items() if not k.startswith("chance")},
                "images": [{"prompt": p, **reading_dict(r)} for p, r in zip(prompts, readings)]}
     grid = labelled_grid(images[:48], specs[:48], readings[:48])
@@ -141,4 +221,7 @@ def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
              scores["object_color_accuracy"], scores["object_color_chance"], scores["background_accuracy"],
              scores["background_chance"], scores["position_accuracy"], scores["position_chance"],
              reader["object_color_accuracy"], reader["background_accuracy"], reader["position_accuracy"])
+    log.info("conditioning use (x0 error with the wrong word vs the true caption, %d held-out images): background "
+             "%+.1f%% (z %.1f), object colour %+.1f%% (z %.1f), position %+.1f%% (z %.1f)", use["num_images"],
+             *[value for a in ATTRIBUTES for value in (100 * use[a]["gain"], use[a]["z"])])
     return summary, files

@@ -185,6 +185,10 @@ def evaluate_prompt_following(cfg: DictConfig, ctx: StageContext) -> dict:
     summary, files = run_score(cfg, ctx)
     metrics = {f"prompt_following_{name}": summary[name]
                for name in ("object_color_accuracy", "background_accuracy", "position_accuracy")}
+    use = summary["conditioning_use"]
+    for attribute in ("background", "object_color", "position"):
+        metrics[f"conditioning_use_{attribute}_gain"] = use[attribute]["gain"]
+        metrics[f"conditioning_use_{attribute}_z"] = use[attribute]["z"]
     ref = CheckpointRef(summary["source"], tag="prompt_following")
     published = report.publish(ctx, ref, files, metrics, [], log_to_training=False)
     grid = published["files"]["prompt_following_grid.png"]
