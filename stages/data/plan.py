@@ -113,12 +113,16 @@ def walk(root: str, lister: Lister = storage.list_entries) -> Iterator[tuple[str
 
 
 def folder_items(rel_dir: str, names: list[str], extensions: tuple[str, ...]) -> tuple[list[dict], int]:
-    """Items of one folder's images with their same-stem .txt/.json sidecars; also how many files are neither."""
+    """Items of one folder's images with their same-stem .txt/.json sidecars; also how many files are neither
+    (not counting markers and hidden files)."""
     present = set(names)
     images = [n for n in names if n.lower().endswith(extensions)]
     stems = {sources.strip_extension(n) for n in images}
     sidecars = {stem + ext for stem in stems for ext in (".txt", ".json")}
-    ignored = sum(1 for n in names if n not in sidecars and not n.lower().endswith(extensions))
+    # Job markers (_SUCCESS.json, which demo_data writes) and hidden files (.DS_Store) are not stray inputs, as
+    # for parquet and tar sources; images are ingested whatever their name.
+    ignored = sum(1 for n in names if n not in sidecars and not n.lower().endswith(extensions)
+                  and not n.startswith(("_", ".")))
     items, used = [], set()
     for name in images:  # sorted: the first file of a colliding stem keeps the short key
         stem = sources.strip_extension(name)

@@ -93,13 +93,14 @@ class WriterActor(shards.ShardWriter):
     """The shard writer as a Ray actor (created by :func:`run_pass`)."""
 
 
-def _remove_stale_temp_files(shards_dir: str) -> None:
-    """Local temp tars of a killed run never became shards; drop them (object stores keep no such leftovers)."""
+def _remove_stale_temp_files(folder_uri: str) -> None:
+    """Local temp files of a killed run (its open tars, a work part it was writing) never became outputs; drop them
+    (object stores keep no such leftovers)."""
     import os
 
-    if storage.is_remote(shards_dir) or not os.path.isdir(shards_dir):
+    if storage.is_remote(folder_uri) or not os.path.isdir(folder_uri):
         return
-    for folder, _, names in os.walk(shards_dir):
+    for folder, _, names in os.walk(folder_uri):
         for name in names:
             if name.startswith(".tmp-"):
                 os.remove(os.path.join(folder, name))
@@ -119,6 +120,7 @@ def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
         return {"units_run": 0}
     storage.makedirs(work_dir)
     _remove_stale_temp_files(storage.join(dataset_dir, shards.SHARDS_DIR))
+    _remove_stale_temp_files(work_dir)
     icfg, bcfg = cfg.ingest, cfg.buckets
     opts = ReadOptions(process.SampleOptions.from_config(cfg), download.DownloadOptions.from_config(icfg.download),
                        icfg.get("image_column"), icfg.get("caption_column"))

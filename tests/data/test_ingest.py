@@ -53,6 +53,13 @@ def _folder_plan(tmp_path, chunk_size: int) -> list[dict]:
     return [plan.read_unit(part, group) for _, part, group in plan.unit_index(str(tmp_path / "plan"))]
 
 
+def test_markers_and_hidden_files_are_not_counted_as_stray_inputs():
+    names = ["_SUCCESS.json", ".DS_Store", "notes.md", "x.png", "x.json", "_y.png"]
+    items, ignored = plan.folder_items("", names, sources.IMAGE_EXTENSIONS)
+    assert ignored == 1  # notes.md only
+    assert [item["rel"] for item in items] == ["x.png", "_y.png"]  # an image is ingested whatever its name
+
+
 def test_folder_plan_keys_sidecars_collisions_and_order(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     for name in ("a/x.jpg", "a/x.png", "a/x.txt", "b.png", "b.json", "notes.md", "a0.jpg"):
