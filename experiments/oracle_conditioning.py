@@ -38,6 +38,7 @@ from sdxl.models import build_unet  # noqa: E402
 from stages.data.demo_data import BACKGROUND_COLORS, OBJECT_COLORS, POSITION_PHRASES, SHAPES  # noqa: E402
 from stages.evaluate.conditioning_use import ATTRIBUTES, conditioning_use  # noqa: E402
 from stages.evaluate.prompt_following import spec_from_caption  # noqa: E402
+from stages.train.task_components import sample_posterior  # noqa: E402
 
 CONTEXT_DIM, POOLED_DIM = 96, 64  # the tiny base's cross-attention and pooled widths
 _FIELDS = {"color": list(OBJECT_COLORS), "shape": list(SHAPES), "cell": list(POSITION_PHRASES),
@@ -134,8 +135,7 @@ def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordi
         for group in optimizer.param_groups:
             group["lr"] = max(lr, 1e-6)
         index = torch.randint(0, n, (64,), generator=generator)
-        mean, logvar = data["latent_parameters"][index].chunk(2, dim=1)
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)) * data["scale"]
+        latents = sample_posterior(data["latent_parameters"][index], data["scale"], generator)
         drop = (torch.rand(64, generator=generator) < 0.15).view(-1, 1)
         cond = Conditioning(context[index] * ~drop.view(-1, 1, 1), pooled[index] * ~drop,
                             base_time_ids(data["original_size"][index], data["crop_coords"][index],
@@ -175,9 +175,7 @@ def main() -> None:
           f"{100 * variance['explained_by_position']:.1f}%")
     model = train(data, args.steps, args.snr_gamma, coordinates=args.coordinates)
     count = min(args.images, len(data["captions"]))
-    from stages.evaluate.prompt_following import spec_from_caption as parse
-
-    specs = [parse(c) for c in data["captions"][:count]]
+    specs = [spec_from_caption(c) for c in data["captions"][:count]]
     time_ids = base_time_ids(data["original_size"][:count], data["crop_coords"][:count], data["target_size"][:count],
                              count)
     use = conditioning_use(model, oracle_encode, data["mean"][:count], specs, time_ids)

@@ -91,6 +91,8 @@ def applicable_overrides(stage: str, user_overrides: list[str], extra: list[str]
     section, alone. :func:`run_chain` refuses an override that no step has, so a misspelt key is never dropped
     silently."""
     kept = [o for o in user_overrides if not _for_the_chain(o)]
+    if all(o.startswith("++") or _is_group_choice(o) for o in kept):  # nothing to check against the step's keys
+        return kept
     groups = [o for o in kept if _is_group_choice(o)]
     base = compose(config_name="config", overrides=[*extra, *groups, f"stage={stage}"])
     return [form for form in (_form_for_step(o, base) for o in kept) if form is not None]

@@ -56,16 +56,18 @@ def training_captions(dataset_dir: str) -> tuple[list[str], list]:
     return captions, specs
 
 
-def _heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int):
-    """(manifest row, spec, RGB image) of each held-out image whose caption is in the demo vocabulary."""
+def heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int) -> list[tuple]:
+    """(position in the held-out split, manifest row, spec, RGB image) of each of the first ``limit`` held-out images
+    whose caption is in the demo vocabulary, decoded once for every check that reads them."""
     from stages.data.sources import decode_rgb
     from stages.evaluate.heldout import heldout_samples
     from stages.train.data_shards import TarShardReader
 
     heldout = heldout_samples(dataset_dir, val_fraction, limit)
     reader = TarShardReader(dataset_dir)
+    found = []
     try:
-        for row, caption in zip(heldout.rows.itertuples(index=False), heldout.prompts):
+        for position, (row, caption) in enumerate(zip(heldout.rows.itertuples(index=False), heldout.prompts)):
             spec = spec_from_caption(caption)
             if spec is None:
                 continue
@@ -74,17 +76,19 @@ def _heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int):
             except (OSError, ValueError) as err:  # a shard member that no longer decodes: skipped, and said so
                 log.warning("held-out image %s skipped: %s", row.key, err)
                 continue
-            yield row, spec, image
+            found.append((position, row, spec, image))
     finally:
         reader.close()
+    return found
 
 
-def reader_accuracy(dataset_dir: str, val_fraction: float, resolution: int, limit: int) -> dict:
-    """The reader on real held-out demo images (shorter side resized to ``resolution``): it should score ≈ 1."""
+def reader_accuracy(images: list[tuple], resolution: int, limit: int, dataset_dir: str) -> dict:
+    """The reader on the first ``limit`` real held-out demo images (``heldout_demo_images``; shorter side resized to
+    ``resolution``): it should score ≈ 1."""
     from PIL import Image
 
     readings, specs = [], []
-    for _, spec, image in _heldout_demo_images(dataset_dir, val_fraction, limit):
+    for _, _, spec, image in (item for item in images if item[0] < limit):
         factor = resolution / min(image.size)
         size = (max(8, round(image.size[0] * factor)), max(8, round(image.size[1] * factor)))
         readings.append(read_image(image.resize(size, Image.Resampling.BICUBIC)))
@@ -95,9 +99,10 @@ def reader_accuracy(dataset_dir: str, val_fraction: float, resolution: int, limi
 
 
 @torch.no_grad()
-def heldout_latents(dataset_dir: str, val_fraction: float, resolution: int, limit: int, vae, scale: float
+def heldout_latents(images: list[tuple], resolution: int, limit: int, vae, scale: float, dataset_dir: str
                     ) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """(scaled latents, specs, base time ids) of held-out demo images: shorter side resized to ``resolution``, centre
+    """(scaled latents, specs, base time ids) of the first ``limit`` held-out demo images (``heldout_demo_images``):
+    shorter side resized to ``resolution``, centre
     crop (the crop Alg. 1 takes with a centred offset), c_size from the manifest's original size."""
     import numpy as np
     from PIL import Image
@@ -105,7 +110,7 @@ def heldout_latents(dataset_dir: str, val_fraction: float, resolution: int, limi
     from sdxl.conditioner import base_time_ids
 
     crops, specs, sizes, offsets = [], [], [], []
-    for row, spec, image in _heldout_demo_images(dataset_dir, val_fraction, limit):
+    for _, row, spec, image in (item for item in images if item[0] < limit):
         factor = resolution / min(image.size)
         w, h = max(resolution, round(image.size[0] * factor)), max(resolution, round(image.size[1] * factor))
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -124,11 +129,10 @@ def heldout_latents(dataset_dir: str, val_fraction: float, resolution: int, limi
     return latents, specs, time_ids
 
 
-def measure_conditioning_use(model, backend: str, dataset_dir: str, val_fraction: float, s: dict) -> dict:
+def measure_conditioning_use(model, backend: str, images: list[tuple], s: dict, dataset_dir: str) -> dict:
     """conditioning_use.py's gains for the evaluated model on the held-out split at the evaluation resolution."""
     unet, vae, scale, encode = _parts_for_use(model, backend)
-    latents, specs, time_ids = heldout_latents(dataset_dir, val_fraction, s["resolution"], s["use_images"], vae,
-                                               scale)
+    latents, specs, time_ids = heldout_latents(images, s["resolution"], s["use_images"], vae, scale, dataset_dir)
     return conditioning_use(unet, encode, latents, specs, time_ids, seed=s["seed"], batch_size=s["batch_size"])
 
 
@@ -204,8 +208,10 @@ def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
         images = _native_images(model, prompts, s)
     readings = [read_image(image) for image in images]
     scores = score(readings, specs)
-    reader = reader_accuracy(ctx.dataset_dir, float(cfg.evaluate.val_fraction), s["resolution"], s["num_validation"])
-    use = measure_conditioning_use(model, s["backend"], ctx.dataset_dir, float(cfg.evaluate.val_fraction), s)
+    real = heldout_demo_images(ctx.dataset_dir, float(cfg.evaluate.val_fraction),
+                               max(s["num_validation"], s["use_images"]))
+    reader = reader_accuracy(real, s["resolution"], s["num_validation"], ctx.dataset_dir)
+    use = measure_conditioning_use(model, s["backend"], real, s, ctx.dataset_dir)
     summary = {**scores, "source": source, "settings": s, "conditioning_use": use,
                "reader_on_real_images": {k: v for k, v in reader.items() if not k.startswith("chance")},
                "images": [{"prompt": p, **reading_dict(r)} for p, r in zip(prompts, readings)]}
