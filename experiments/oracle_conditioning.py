@@ -11,7 +11,8 @@ colour, shape, cell, background and gradient in both the context tokens and the 
 The step is the demo's (eps prediction, offset noise 0.5, text dropped to zeros at 0.15, AdamW lr 2e-3 with a cosine,
 batch 64, EMA 0.99), so a word the oracle model ignores is not ignored for want of a clean text signal.
 
-    python experiments/oracle_conditioning.py [--cache DIR] [--steps 600] [--snr-gamma 5] [--coordinates]
+    python experiments/oracle_conditioning.py [--cache DIR] [--steps 600] [--report-every N] [--snr-gamma 5]
+        [--coordinates]
 
 ``--coordinates`` tests why the cell is ignored: the UNet (a diagnostic variant, 6 input channels) also gets each
 latent pixel's (x, y), which the SDXL UNet can otherwise only infer from its convolutions' zero padding.
@@ -122,8 +123,10 @@ class WithCoordinates(torch.nn.Module):
         return self.unet(torch.cat([sample, coords], dim=1), timestep, **kwargs)
 
 
-def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordinates: bool = False
-          ) -> torch.nn.Module:
+def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordinates: bool = False,
+          report_every: int = 0, report=None) -> torch.nn.Module:
+    """The demo's base step with the oracle text side; returns the EMA model. Every ``report_every`` steps (and
+    never when 0) ``report(step, ema)`` runs, for a learning curve in one run."""
     unet = (WithCoordinates(seed) if coordinates else build_unet("tiny", "base", seed=seed)).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=1e-2)
@@ -150,6 +153,8 @@ def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordi
                 averaged.lerp_(live, 0.01)
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step}: loss {float(loss.detach()):.4f} ({time.time() - started:.0f} s)", flush=True)
+        if report is not None and report_every > 0 and (step + 1) % report_every == 0 and step + 1 < steps:
+            report(step + 1, ema)
     return ema
 
 
@@ -160,6 +165,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--snr-gamma", type=float, default=None)
     parser.add_argument("--images", type=int, default=256, help="images the conditioning use is measured on")
+    parser.add_argument("--report-every", type=int, default=0,
+                        help="also report conditioning use every this many steps (a learning curve in one run)")
     parser.add_argument("--coordinates", action="store_true",
                         help="diagnostic: give the UNet each pixel's position as two extra input channels")
     args = parser.parse_args()
@@ -173,16 +180,22 @@ def main() -> None:
           f"{variance['after_background']:.3f}, of which the object colour explains "
           f"{100 * variance['explained_by_object_color']:.1f}% and the cell "
           f"{100 * variance['explained_by_position']:.1f}%")
-    model = train(data, args.steps, args.snr_gamma, coordinates=args.coordinates)
     count = min(args.images, len(data["captions"]))
     specs = [spec_from_caption(c) for c in data["captions"][:count]]
     time_ids = base_time_ids(data["original_size"][:count], data["crop_coords"][:count], data["target_size"][:count],
                              count)
-    use = conditioning_use(model, oracle_encode, data["mean"][:count], specs, time_ids)
     extra = ", coordinate channels" if args.coordinates else ""
-    print(f"conditioning use after {args.steps} steps (oracle text{extra}, {count} training images):")
-    for attribute in ATTRIBUTES:
-        print(f"  {attribute}: gain {100 * use[attribute]['gain']:+.1f}% (z {use[attribute]['z']:.1f})")
+
+    def report(step: int, model: torch.nn.Module) -> None:
+        use = conditioning_use(model, oracle_encode, data["mean"][:count], specs, time_ids)
+        print(f"conditioning use after {step} of {args.steps} steps (oracle text{extra}, {count} training images):")
+        for attribute in ATTRIBUTES:
+            print(f"  {attribute}: gain {100 * use[attribute]['gain']:+.1f}% (z {use[attribute]['z']:.1f})",
+                  flush=True)
+
+    model = train(data, args.steps, args.snr_gamma, coordinates=args.coordinates, report_every=args.report_every,
+                  report=report)
+    report(args.steps, model)
 
 
 if __name__ == "__main__":

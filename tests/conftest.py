@@ -42,6 +42,18 @@ def _one_torch_thread():
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _seeded_mlflow_stores(tmp_path_factory):
+    """New MLflow SQLite stores in this process start as a copy of one migrated empty store (tests/mlflow_template.py);
+    the CLI helpers seed their children's stores the same way."""
+    from tests import mlflow_template
+
+    mlflow_template.make_template(str(tmp_path_factory.mktemp("mlflow-template")))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        mlflow_template.install(monkeypatch)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_components():
     """The tiny preset's base and refiner UNets, VAE and text encoders at seed 0 (random weights, eval mode), built

@@ -48,7 +48,10 @@ def test_two_training_steps_then_the_measure(coordinates):
             "latent_parameters": torch.cat([latents, torch.full_like(latents, -10.0)], dim=1),
             "original_size": torch.full((8, 2), 64.0), "crop_coords": torch.zeros(8, 2),
             "target_size": torch.full((8, 2), 32.0)}
-    model = train(data, steps=2, snr_gamma=None, coordinates=coordinates)
+    reported = []
+    model = train(data, steps=2, snr_gamma=None, coordinates=coordinates, report_every=1,
+                  report=lambda step, ema: reported.append((step, ema.training)))
+    assert reported == [(1, False)]  # the learning-curve hook sees the EMA model mid-run; the last step is the caller's
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 32.0, 32.0]]).repeat(8, 1)
     use = conditioning_use(model, oracle_encode, latents, specs, time_ids, timesteps=(500,))
     assert all(torch.isfinite(torch.tensor(use[a]["gain"])) for a in ATTRIBUTES)

@@ -196,11 +196,28 @@ def stage_command(stage: str, overrides: list[str]) -> list[str]:
     return [PYTHON, RUN_PY, f"stage={stage}", "ray.include_dashboard=false", *overrides, "--json"]
 
 
+def _seed_mlflow_store(overrides: list[str], env: dict) -> None:
+    """The child's new MLflow store starts as the session's migrated template (tests/mlflow_template.py): under a
+    local paths.root, or under a private HOME's ~/.cache for an object-store root. Never the user's own home."""
+    from tests import mlflow_template
+
+    settings = dict(o.split("=", 1) for o in overrides if "=" in o)
+    if settings.get("mlflow.tracking_uri") or env.get("MLFLOW_TRACKING_URI") or "paths.root" not in settings:
+        return
+    root = settings["paths.root"]
+    if "://" not in root:
+        mlflow_template.seed(os.path.join(os.path.abspath(root), "mlflow.db"))
+    elif env.get("HOME") and os.path.abspath(env["HOME"]) != os.path.abspath(os.path.expanduser("~")):
+        mlflow_template.seed(os.path.join(env["HOME"], ".cache", "sdxl-pipeline", "mlflow.db"))
+
+
 def start_stage(stage: str, overrides: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """`python pipeline/run.py stage=... overrides` in the background, stdout+stderr into ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = env or child_env()
+    _seed_mlflow_store(overrides, env)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(stage_command(stage, overrides), cwd=REPO, env=env or child_env(),
+        return subprocess.Popen(stage_command(stage, overrides), cwd=REPO, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 

@@ -1,6 +1,6 @@
 """The pipeline on an object-store root: `paths.root=s3://<bucket>/root` against moto's S3 server on 127.0.0.1.
 
-Data stages → a short training stage → serving from the trained checkpoint, each through the CLI. MLflow stays a
+Data stages → a short training stage → `stage=generate` serving the trained checkpoint, each through the CLI. MLflow stays a
 local SQLite store (the default for a remote root: ~/.cache/sdxl-pipeline/mlflow.db, here under a private HOME) and
 its artifacts go to s3 under the root.
 """
@@ -8,6 +8,7 @@ its artifacts go to s3 under the root.
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 
@@ -17,23 +18,23 @@ from PIL import Image
 
 from tests.cluster.helpers import (
     REPO,
+    SERVE_SMALL,
     TINY_DATA,
-    SMALL_REQUEST,
     check_dataset,
     child_env,
     demo_keys,
-    http_status,
+    free_port,
     make_demo_source,
     mlflow_runs,
     require_stage,
     run_stage,
-    start_serve,
-    stop_tree,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 N_IMAGES = 10
 STAGE_TIMEOUT_S = 420
+PROMPTS = ["a red circle in the center on a blue background", "a yellow square in the top left"]
+SIZE, STEPS, SEED = 32, 2, 5
 
 
 @pytest.fixture(scope="module")
@@ -121,23 +122,44 @@ def _in_process_image(overrides: list[str], body: dict) -> np.ndarray:
     return np.asarray(in_process_generator(cfg)(body), dtype=np.int16)
 
 
-def test_serve_loads_the_checkpoint_from_s3(s3_run, s3_training):
-    """A relative serve.checkpoint under an s3:// root exists only in the bucket: each replica copies it from s3, and
-    a folder it cannot find fails the replica, so /health never answers 200 (start_serve then fails). The served image
-    is the one the serving core makes in-process from the same checkpoint, and not the preset's random-init image."""
-    require_stage("serve")
+def _png_pixels(uri: str) -> np.ndarray:
+    from pipeline import storage
+
+    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"), dtype=np.int16)
+
+
+def test_generate_serves_the_s3_checkpoint_and_saves_the_images_and_a_grid(s3_run, s3_training):
+    """`stage=generate` as a user runs it: the CLI starts the Serve app on a loopback port, posts each prompt over
+    HTTP, saves the PNGs, a grid and prompts.json under <root>/generated/ (here in the bucket), and stops the app.
+
+    The relative serve.checkpoint exists only in the bucket: each replica copies it from s3, and a folder it cannot
+    find fails the replica (and so the stage). Each saved image is the one the serving core makes in-process for the
+    same request from the same checkpoint, and not the preset's random-init image."""
+    from pipeline import storage
+
+    require_stage("generate")
     s3_training.check()
-    model = [f"paths.root={s3_run['root']}", "serve.checkpoint=runs/pretrain256/final"]
-    proc, url = start_serve([*model, "serve.refiner_ensemble=false"], s3_run["logs"] / "serve.log", s3_run["env"])
-    try:
-        status, body, content_type = http_status(f"{url}/generate", SMALL_REQUEST, timeout_s=120)
-        assert status == 200, body[:500]
-        assert content_type == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        stop_tree(proc)
-    served = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.int16)
-    from_checkpoint = _in_process_image(model, SMALL_REQUEST)
-    random_init = _in_process_image([f"paths.root={s3_run['root']}"], SMALL_REQUEST)
-    assert served.shape == from_checkpoint.shape == (SMALL_REQUEST["height"], SMALL_REQUEST["width"], 3)
-    assert np.abs(served - from_checkpoint).max() <= 1  # same weights; a float may round the other way
-    assert np.abs(served - random_init).mean() > 2, "the served image is the random-init one: the checkpoint was not served"
+    model = [f"paths.root={s3_run['root']}", "serve.checkpoint=runs/pretrain256/final", "serve.refiner_ensemble=false"]
+    args = ["preset=tiny", "ray.num_cpus=2", *model, "serve.host=127.0.0.1", f"serve.port={free_port()}",
+            *SERVE_SMALL, f"generate.prompts={json.dumps(PROMPTS)}", "generate.refiner=false",
+            f"generate.width={SIZE}", f"generate.height={SIZE}", f"generate.steps={STEPS}", f"generate.seed={SEED}"]
+    run_stage("generate", args, s3_run["logs"] / "generate.log", s3_run["env"], STAGE_TIMEOUT_S).check()
+
+    out = f"{s3_run['root']}/generated"
+    files = [f"{out}/{i:03d}_0.png" for i in range(len(PROMPTS))]
+    assert storage.read_json(f"{out}/prompts.json") == {"prompts": PROMPTS, "files": files}
+    saved = []
+    for i, (prompt, uri) in enumerate(zip(PROMPTS, files)):
+        body = {"prompt": prompt, "width": SIZE, "height": SIZE, "steps": STEPS, "seed": SEED + i}
+        image = _png_pixels(uri)
+        from_checkpoint = _in_process_image(model, body)
+        assert image.shape == from_checkpoint.shape == (SIZE, SIZE, 3)
+        assert np.abs(image - from_checkpoint).max() <= 1, f"{uri} is not the served image"  # a float may round
+        if i == 0:
+            random_init = _in_process_image([f"paths.root={s3_run['root']}"], body)
+            assert np.abs(image - random_init).mean() > 2, "the random-init image was served, not the checkpoint"
+        saved.append(image)
+    assert np.abs(saved[0] - saved[1]).mean() > 1  # two prompts and seeds: two different images
+    grid = _png_pixels(f"{out}/grid.png")
+    assert grid.shape == (SIZE, SIZE * len(PROMPTS), 3)
+    assert np.array_equal(grid[:, :SIZE], saved[0]) and np.array_equal(grid[:, SIZE:], saved[1])

@@ -16,15 +16,14 @@ import re
 import pytest
 
 from tests.cluster.helpers import (
-    TINY_DATA,
     kill_tree,
-    make_demo_source,
     mlflow_runs,
     require_stage,
     run_stage,
     start_stage,
     wait_for,
 )
+from tests.train.shard_fixtures import write_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 MAX_STEPS = 10
@@ -46,9 +45,8 @@ def _recorded_checkpoints(run_dir) -> list[int]:
 def test_killed_training_driver_resumes_from_latest_checkpoint(tmp_path):
     require_stage("pretrain256")
     root = tmp_path / "root"
-    source = make_demo_source(tmp_path / "src", 8)
-    data_args = [*TINY_DATA, f"paths.root={root}", f"ingest.source={source}", "ingest.chunk_size=8"]
-    run_stage("data", data_args, tmp_path / "data.log").check()
+    # A dataset in the data stages' output format, written directly (the data stage's CLI runs in other tests).
+    write_dataset(str(root / "data" / "default"), {(64, 64): 8})
 
     args = ["preset=tiny", "ray.num_cpus=2", f"paths.root={root}", f"train.max_steps={MAX_STEPS}",
             f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=3", "train.log_every=1",

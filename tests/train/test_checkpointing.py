@@ -1,5 +1,5 @@
 """Checkpoint contents, verification, fallback and mismatch errors — in one process (no Ray), plus one Ray run
-that falls back from a corrupted latest checkpoint."""
+that falls back from a corrupted newest checkpoint."""
 
 import logging
 import os
@@ -134,20 +134,27 @@ def test_different_strategy_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_run_falls_back_from_corrupted_latest(tmp_path, ray_local):
+def test_ray_run_falls_back_from_a_corrupted_newest_checkpoint_and_resumes_exactly(tmp_path, ray_local):
+    """A run folder whose newest checkpoint is corrupted: the Ray run resumes from the one before and ends at the
+    straight run's weights. The folder is a copy of the session's reference run (checkpoints at steps 2 and 4)."""
+    import shutil
+
     from pipeline.context import StageContext
     from stages.train.trainer import run_training
+    from tests.train.toy_task import assert_same_weights, final_weights, reference_run
 
-    root = str(tmp_path / "root")
-    ctx = StageContext(root=root, stage="fallback")
-    run_training(toy_cfg(root, max_steps=2, checkpoint_every=1), ctx)
-    latest = os.path.join(root, "runs", "fallback", "checkpoint_000000002")
-    assert os.path.isdir(latest) and os.path.isdir(latest.replace("02", "01"))
-    with open(os.path.join(latest, "optimizer.pt"), "wb") as f:
+    ref_root, reference = reference_run()
+    previous = tmp_path / "previous"
+    for name in ("checkpoint_000000002", "checkpoint_000000004"):
+        shutil.copytree(os.path.join(ref_root, "runs", "reference", name), previous / name)
+    with open(previous / "checkpoint_000000004" / "optimizer.pt", "wb") as f:
         f.write(b"corrupted")
-    out = run_training(toy_cfg(root, max_steps=3, checkpoint_every=1), ctx)
-    assert out["step"] == 3
-    assert out["metrics"]["resumed_from_step"] == 1
+    root = str(tmp_path / "root")
+    out = run_training(toy_cfg(root, resume_from=str(previous)), StageContext(root=root, stage="fallback"))
+    assert out["step"] == 4
+    assert out["metrics"]["resumed_from_step"] == 2
+    for which in ("model", "ema"):
+        assert_same_weights(final_weights(root, "fallback", which), reference[which])
 
 
 def test_resuming_a_checkpoint_of_another_config_warns(tmp_path, caplog):
