@@ -1,8 +1,8 @@
 """A migrated, empty MLflow SQLite store made once per test session and copied where a test's stage would create a
 new one. MLflow builds a new store by running every schema migration (≈2.4 s on this machine); the suite creates
 dozens of fresh roots. A copy of the same empty store is what those migrations produce (and making the template
-runs them, so store creation itself still runs once per session). Stores under a test's root only: the user's
-home is never touched."""
+runs them, so store creation itself still runs once per session). A store is seeded only where MLflow was about to
+create one; an existing store is never replaced."""
 
 from __future__ import annotations
 
