@@ -111,14 +111,14 @@ def conditioning_use(unet, encode: Encode, latents: torch.Tensor, specs: Sequenc
     base = float(true.mean())
     out = {"timesteps": timesteps, "num_images": n, "x0_mse_true": base}
     for attribute in ATTRIBUTES:
-        diff = (per_image[attribute] - true).mean(dim=0)  # per image, over timesteps
+        rise = per_image[attribute] - true  # [T, N]
+        diff = rise.mean(dim=0)  # per image, over timesteps
         spread = float(diff.std()) / math.sqrt(n)
+        per_step = rise.mean(dim=1) / true.mean(dim=1).clamp_min(1e-12)
         out[attribute] = {
             "gain": float(diff.mean()) / base if base > 0 else 0.0,
             "z": float(diff.mean()) / spread if spread > 0 else 0.0,
-            "gain_per_timestep": {int(t): float((per_image[attribute][i] - true[i]).mean()) / max(float(true[i].mean()),
-                                                                                                  1e-12)
-                                  for i, t in enumerate(timesteps)},
+            "gain_per_timestep": {t: float(g) for t, g in zip(timesteps, per_step)},
         }
     return out
 

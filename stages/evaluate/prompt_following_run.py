@@ -44,7 +44,8 @@ def settings(cfg) -> dict:
 
 
 def training_captions(dataset_dir: str) -> tuple[list[str], list]:
-    """(every caption of the dataset, the demo specs they parse to). Fails clearly on a dataset that is not demo data."""
+    """(every caption of the dataset, the demo specs they parse to); fails clearly on a dataset that is not demo
+    data."""
     from stages.train.data_manifest import read_manifest
 
     captions = [str(c) for c in read_manifest(dataset_dir)["caption"].fillna("")]
@@ -72,7 +73,8 @@ def heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int) -> li
             if spec is None:
                 continue
             try:
-                image = decode_rgb(reader.image_bytes(str(row.shard), str(getattr(row, "member_key", None) or row.key)))
+                member = str(getattr(row, "member_key", None) or row.key)
+                image = decode_rgb(reader.image_bytes(str(row.shard), member))
             except (OSError, ValueError) as err:  # a shard member that no longer decodes: skipped, and said so
                 log.warning("held-out image %s skipped: %s", row.key, err)
                 continue
@@ -85,13 +87,11 @@ def heldout_demo_images(dataset_dir: str, val_fraction: float, limit: int) -> li
 def reader_accuracy(images: list[tuple], resolution: int, limit: int, dataset_dir: str) -> dict:
     """The reader on the first ``limit`` real held-out demo images (``heldout_demo_images``; shorter side resized to
     ``resolution``): it should score ≈ 1."""
-    from PIL import Image
+    from sdxl.crops import cover_size, image_size, resize
 
     readings, specs = [], []
     for _, _, spec, image in (item for item in images if item[0] < limit):
-        factor = resolution / min(image.size)
-        size = (max(8, round(image.size[0] * factor)), max(8, round(image.size[1] * factor)))
-        readings.append(read_image(image.resize(size, Image.Resampling.BICUBIC)))
+        readings.append(read_image(resize(image, cover_size(image_size(image), (resolution, resolution)))))
         specs.append(spec)
     if not specs:
         raise ValueError(f"no held-out demo images to check the reader on in {dataset_dir}")
@@ -102,23 +102,19 @@ def reader_accuracy(images: list[tuple], resolution: int, limit: int, dataset_di
 def heldout_latents(images: list[tuple], resolution: int, limit: int, vae, scale: float, dataset_dir: str
                     ) -> tuple[torch.Tensor, list, torch.Tensor]:
     """(scaled latents, specs, base time ids) of the first ``limit`` held-out demo images (``heldout_demo_images``):
-    shorter side resized to ``resolution``, centre
-    crop (the crop Alg. 1 takes with a centred offset), c_size from the manifest's original size."""
+    Alg. 1's crop with a centred offset to ``resolution``², c_size from the manifest's original size."""
     import numpy as np
-    from PIL import Image
 
     from sdxl.conditioner import base_time_ids
+    from sdxl.crops import bucket_crop_resize
 
     crops, specs, sizes, offsets = [], [], [], []
     for _, row, spec, image in (item for item in images if item[0] < limit):
-        factor = resolution / min(image.size)
-        w, h = max(resolution, round(image.size[0] * factor)), max(resolution, round(image.size[1] * factor))
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-        crop = image.resize((w, h), Image.Resampling.BICUBIC).crop((left, top, left + resolution, top + resolution))
+        crop, info = bucket_crop_resize(image, (resolution, resolution), mode="center")
         crops.append(np.asarray(crop, dtype=np.float32))
         specs.append(spec)
         sizes.append((int(getattr(row, "orig_h", image.size[1])), int(getattr(row, "orig_w", image.size[0]))))
-        offsets.append((top, left))
+        offsets.append(info.c_crop)
     if len(specs) < 2:
         raise ValueError(f"conditioning use needs >= 2 held-out demo images in {dataset_dir}, found {len(specs)}")
     pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) / 127.5 - 1.0
