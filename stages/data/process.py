@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from sdxl.buckets import bucket_table, nearest_bucket
-from stages.data import images, records
+from stages.data import images, records, unit_buffer
 
 OUT_OF_RANGE_MODES = ("reject", "clamp")
 TAR_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others → PNG
@@ -155,10 +155,17 @@ def dedup_rows(rows: list[dict[str, Any]]) -> None:
 def process_unit(raw_samples: Iterable[dict[str, Any]], unit: int, opts: SampleOptions) -> pa.Table:
     """The sample table of one unit: every input, sorted by key, duplicates within the unit rejected."""
     table = bucket_table(opts.resolution, opts.multiple)
-    rows = [process_sample(raw, unit, opts, table) for raw in raw_samples]
+    raws = list(raw_samples)
+    rows = [process_sample(raw, unit, opts, table) for raw in raws]
     dedup_rows(rows)
-    rows.sort(key=lambda r: r["key"])
-    return records.table_from_rows(rows, records.SAMPLE_SCHEMA)
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["key"])
+    rows, raws = [rows[i] for i in order], [raws[i] for i in order]
+    shared = unit_buffer.image_column(rows, raws)
+    if shared is None:
+        return records.table_from_rows(rows, records.SAMPLE_SCHEMA)
+    index = records.SAMPLE_SCHEMA.get_field_index("image")
+    rest = records.table_from_rows(rows, records.SAMPLE_SCHEMA.remove(index))
+    return rest.add_column(index, records.SAMPLE_SCHEMA.field(index), shared)
 
 
 def rejects_of(table: pa.Table) -> pa.Table:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 # Re-exported: stage code and the evaluation import them from here.
 from stages.data.images import decode_rgb, probe_image, sniff_payload  # noqa: F401
+from stages.data.unit_buffer import UnitBuffer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "jpeg", "img", "image_bytes", "bytes")
@@ -93,8 +94,10 @@ def rejected(key: str, source: str, stage: str, reason: str, detail: str) -> dic
 # --------------------------------------------------------------------------------------------- folder units
 def read_folder_unit(unit: dict) -> Iterator[dict[str, Any]]:
     root = unit["uri"]
-    for item in unit["items"]:
-        uri = storage.join(root, *item["rel"].split("/"))
+    paths = [storage.join(root, *item["rel"].split("/")) for item in unit["items"]]
+    # A local folder's images go side by side into one buffer: the unit's image column then wraps it (no copy).
+    buffer = None if storage.is_remote(root) or root.startswith("file://") else UnitBuffer(paths)
+    for index, (item, uri) in enumerate(zip(unit["items"], paths)):
         meta: dict[str, Any] = {}
         if item.get("key_collision"):
             meta["flags"] = ["key_collision"]
@@ -106,8 +109,14 @@ def read_folder_unit(unit: dict) -> Iterator[dict[str, Any]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 meta.setdefault("flags", []).append("sidecar_invalid")
                 meta["sidecar_error"] = str(err)
-        yield {"key": item["key"], "image": storage.read_bytes(uri), "caption_raw": caption_raw, "source": uri,
-               "meta": meta}
+        sample = {"key": item["key"], "caption_raw": caption_raw, "source": uri, "meta": meta}
+        if buffer is None:
+            yield {**sample, "image": storage.read_bytes(uri)}
+        else:
+            image = buffer.read(index, uri)
+            in_buffer = isinstance(image, memoryview)
+            yield {**sample, "image": image, "image_buffer": buffer if in_buffer else None,
+                   "image_span": buffer.span(index) if in_buffer else None}
 
 
 # --------------------------------------------------------------------------------------------- webdataset units
