@@ -11,11 +11,14 @@ colour, shape, cell, background and gradient in both the context tokens and the 
 The step is the demo's (eps prediction, offset noise 0.5, text dropped to zeros at 0.15, AdamW lr 2e-3 with a cosine,
 batch 64, EMA 0.99), so a word the oracle model ignores is not ignored for want of a clean text signal.
 
-    python experiments/oracle_conditioning.py [--cache DIR] [--steps 600] [--report-every N] [--snr-gamma 5]
-        [--coordinates]
+    python experiments/oracle_conditioning.py [--cache DIR | --synthetic N] [--steps 600] [--report-every N]
+        [--snr-gamma 5] [--t-min T] [--coordinates]
 
 ``--coordinates`` tests why the cell is ignored: the UNet (a diagnostic variant, 6 input channels) also gets each
 latent pixel's (x, y), which the SDXL UNet can otherwise only infer from its convolutions' zero padding.
+``--synthetic N`` trains on N made-up 8x8 latents instead of the cache: a level set by the background word plus a
+bright 2x2 patch in the caption's cell, nothing else (the easiest possible word-to-place mapping).
+``--t-min T`` draws training timesteps from [T, 1000) only (the noise levels where the caption must set the layout).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from sdxl.diffusion import diffusion_loss  # noqa: E402
 from sdxl.models import build_unet  # noqa: E402
 from stages.data.demo_data import BACKGROUND_COLORS, OBJECT_COLORS, POSITION_PHRASES, SHAPES  # noqa: E402
 from stages.evaluate.conditioning_use import ATTRIBUTES, conditioning_use  # noqa: E402
-from stages.evaluate.prompt_following import spec_from_caption  # noqa: E402
+from stages.evaluate.prompt_following import COLS, ROWS, heldout_specs, spec_from_caption  # noqa: E402
 from stages.train.task_components import sample_posterior  # noqa: E402
 
 CONTEXT_DIM, POOLED_DIM = 96, 64  # the tiny base's cross-attention and pooled widths
@@ -80,6 +83,21 @@ def load_cache(folder: str, scale: float) -> dict:
     data["captions"] = [captions[i] for i in keep]
     data["mean"] = data["latent_parameters"][:, :4] * scale
     return data
+
+
+def synthetic_data(count: int, seed: int = 0, size: int = 8) -> dict:
+    """``load_cache``'s dict for ``count`` made-up latents: the background word sets a level, the caption's cell holds
+    a bright 2x2 patch, and nothing else varies (the posterior's std is ~0, so training sees exactly these latents)."""
+    specs = heldout_specs(count, seed)
+    latents = torch.zeros(count, 4, size, size)
+    for i, spec in enumerate(specs):
+        latents[i] += float(len(spec.background)) / 10
+        row, col = ROWS.index(spec.row) * 3 * size // 8, COLS.index(spec.col) * 3 * size // 8
+        latents[i, :, row:row + 2, col:col + 2] += 2.0
+    return {"captions": [s.prompt for s in specs], "scale": 1.0, "mean": latents,
+            "latent_parameters": torch.cat([latents, torch.full_like(latents, -30.0)], dim=1),
+            "original_size": torch.full((count, 2), 4.0 * size), "crop_coords": torch.zeros(count, 2),
+            "target_size": torch.full((count, 2), 4.0 * size)}
 
 
 def explained_variance(latents: torch.Tensor, captions: list[str]) -> dict:
@@ -124,7 +142,7 @@ class WithCoordinates(torch.nn.Module):
 
 
 def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordinates: bool = False,
-          report_every: int = 0, report=None) -> torch.nn.Module:
+          report_every: int = 0, report=None, t_min: int = 0) -> torch.nn.Module:
     """The demo's base step with the oracle text side; returns the EMA model. Every ``report_every`` steps (and
     never when 0) ``report(step, ema)`` runs, for a learning curve in one run."""
     unet = (WithCoordinates(seed) if coordinates else build_unet("tiny", "base", seed=seed)).train()
@@ -143,7 +161,8 @@ def train(data: dict, steps: int, snr_gamma: float | None, seed: int = 0, coordi
         cond = Conditioning(context[index] * ~drop.view(-1, 1, 1), pooled[index] * ~drop,
                             base_time_ids(data["original_size"][index], data["crop_coords"][index],
                                           data["target_size"][index], 64))
-        loss, _ = diffusion_loss(unet, latents, cond, offset_noise=0.5, generator=generator, snr_gamma=snr_gamma)
+        loss, _ = diffusion_loss(unet, latents, cond, t_range=(t_min, 1000), offset_noise=0.5, generator=generator,
+                                 snr_gamma=snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -167,14 +186,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="images the conditioning use is measured on")
     parser.add_argument("--report-every", type=int, default=0,
                         help="also report conditioning use every this many steps (a learning curve in one run)")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="train on N made-up latents (background level + a patch in the cell) instead of the cache")
+    parser.add_argument("--t-min", type=int, default=0, help="draw training timesteps from [T, 1000) only")
     parser.add_argument("--coordinates", action="store_true",
                         help="diagnostic: give the UNet each pixel's position as two extra input channels")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    with open(os.path.join(args.vae, "config.json")) as f:
-        scale = float(json.load(f)["scaling_factor"])
-    data = load_cache(args.cache, scale)
-    data["scale"] = scale
+    if args.synthetic:
+        data = synthetic_data(args.synthetic)
+    else:
+        with open(os.path.join(args.vae, "config.json")) as f:
+            scale = float(json.load(f)["scaling_factor"])
+        data = load_cache(args.cache, scale)
+        data["scale"] = scale
     variance = explained_variance(data["mean"], data["captions"])
     print(f"{len(data['captions'])} cached latents; variance {variance['total']:.3f}, after the background "
           f"{variance['after_background']:.3f}, of which the object colour explains "
@@ -184,7 +209,7 @@ def main() -> None:
     specs = [spec_from_caption(c) for c in data["captions"][:count]]
     time_ids = base_time_ids(data["original_size"][:count], data["crop_coords"][:count], data["target_size"][:count],
                              count)
-    extra = ", coordinate channels" if args.coordinates else ""
+    extra = (", coordinate channels" if args.coordinates else "") + (f", t >= {args.t_min}" if args.t_min else "")
 
     def report(step: int, model: torch.nn.Module) -> None:
         use = conditioning_use(model, oracle_encode, data["mean"][:count], specs, time_ids)
@@ -194,7 +219,7 @@ def main() -> None:
                   flush=True)
 
     model = train(data, args.steps, args.snr_gamma, coordinates=args.coordinates, report_every=args.report_every,
-                  report=report)
+                  report=report, t_min=args.t_min)
     report(args.steps, model)
 
 

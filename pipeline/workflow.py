@@ -5,7 +5,9 @@ step. A step is a stage name, or a name `workflow.aliases` maps to a stage (so o
 overrides, e.g. `evaluate_vae: evaluate`). Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user overrides>` would,
 and its MLflow run is nested under the workflow's run. A stage is skipped when its marker
 `<root>/workflow/<name>/<stage>.json` records the same config hash and every output it listed, and every output the
-registry expects of it (`StageSpec.outputs`), still exists.
+registry expects of it (`StageSpec.outputs`), still exists. The hash is chained: it covers the step's own config and
+the steps before it (their configs and when they last ran), because a later step reads what the earlier ones wrote:
+a changed or re-run step re-runs every step after it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def config_hash(cfg: DictConfig) -> str:
     container.pop("workflow", None)
     text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def chained_hash(upstream: str, digest: str) -> str:
+    """A step's hash in its chain: its own config hash after everything the steps before it were made from."""
+    return hashlib.sha256(f"{upstream}|{digest}".encode()).hexdigest()[:16]
 
 
 def _is_done(marker_uri: str, digest: str, expected: list[str]) -> bool:
@@ -134,20 +141,24 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
         steps.append((step, stage, extra, applied))
     steps = _add_new_keys_everywhere(user, steps)
     _check_every_override_applies(user, steps, name)
+    upstream = ""  # what the steps so far were made from: their configs and when each last ran
     for step, stage, extra, applied in steps:
         stage_cfg = _compose(stage, extra, applied)
-        digest = config_hash(stage_cfg)
+        digest = chained_hash(upstream, config_hash(stage_cfg))
         marker = storage.join(ctx.root, "workflow", name, f"{step}.json")
         expected = get_stage(stage).expected_outputs(stage_cfg)
         if _is_done(marker, digest, expected):
             log.info("workflow %s: %s is complete, skipping", name, step)
             results[step] = {"skipped": True}
-            continue
-        log.info("workflow %s: running %s", name, step if step == stage else f"{step} ({stage})")
-        result = execute(stage, stage_cfg, overrides=[*applied, *extra], parent_run_id=ctx.run_id)
-        storage.write_json_atomic(marker, {"config_hash": digest, "finished_at": time.time(),
-                                           "outputs": result.get("outputs", []), "result": result})
-        results[step] = result
+            finished_at = storage.read_json(marker)["finished_at"]
+        else:
+            log.info("workflow %s: running %s", name, step if step == stage else f"{step} ({stage})")
+            result = execute(stage, stage_cfg, overrides=[*applied, *extra], parent_run_id=ctx.run_id)
+            finished_at = time.time()
+            storage.write_json_atomic(marker, {"config_hash": digest, "finished_at": finished_at,
+                                               "outputs": result.get("outputs", []), "result": result})
+            results[step] = result
+        upstream = f"{digest}@{finished_at}"
     return {"workflow": name, "stages": results}
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.oracle_conditioning import explained_variance, oracle_encode, train
+from experiments.oracle_conditioning import explained_variance, oracle_encode, synthetic_data, train
 from stages.evaluate.conditioning_use import ATTRIBUTES, conditioning_use
-from stages.evaluate.prompt_following import COLS, ROWS, heldout_specs
+from stages.evaluate.prompt_following import COLS, ROWS, heldout_specs, spec_from_caption
 
 
 def test_the_oracle_code_tells_every_attribute_apart():
@@ -23,35 +23,31 @@ def test_the_oracle_code_tells_every_attribute_apart():
     assert context[:, 1:5].sum(-1).eq(1).all() and context[:, 6:].abs().sum() == 0
 
 
-def _cache_of(specs, size: int = 8):
-    """Latents whose background sets the level and whose cell holds a bright 2x2 patch; colour plays no part."""
-    latents = torch.zeros(len(specs), 4, size, size)
-    for i, spec in enumerate(specs):
-        latents[i] += float(len(spec.background)) / 10
-        row, col = ROWS.index(spec.row) * 3, COLS.index(spec.col) * 3
-        latents[i, :, row:row + 2, col:col + 2] += 2.0
-    return latents
-
-
 def test_the_variance_split_finds_what_the_latents_depend_on():
-    specs = heldout_specs(420, 1)
-    split = explained_variance(_cache_of(specs), [s.prompt for s in specs])
+    data = synthetic_data(420, 1)
+    split = explained_variance(data["mean"], data["captions"])
     assert split["explained_by_position"] > 0.95
     assert split["explained_by_object_color"] < 0.25  # only the chance grouping of 420 images into 42 groups
 
 
-@pytest.mark.parametrize("coordinates", [False, True], ids=["sdxl_unet", "with_coordinates"])
-def test_two_training_steps_then_the_measure(coordinates):
-    specs = heldout_specs(8, 2)
-    latents = _cache_of(specs)
-    data = {"captions": [s.prompt for s in specs], "scale": 1.0, "mean": latents,
-            "latent_parameters": torch.cat([latents, torch.full_like(latents, -10.0)], dim=1),
-            "original_size": torch.full((8, 2), 64.0), "crop_coords": torch.zeros(8, 2),
-            "target_size": torch.full((8, 2), 32.0)}
+@pytest.mark.parametrize("coordinates, t_min", [(False, 0), (True, 600)], ids=["sdxl_unet", "with_coordinates"])
+def test_two_training_steps_then_the_measure(coordinates, t_min):
+    data = synthetic_data(8, 2)
+    specs = [spec_from_caption(c) for c in data["captions"]]
     reported = []
-    model = train(data, steps=2, snr_gamma=None, coordinates=coordinates, report_every=1,
+    model = train(data, steps=2, snr_gamma=None, coordinates=coordinates, report_every=1, t_min=t_min,
                   report=lambda step, ema: reported.append((step, ema.training)))
     assert reported == [(1, False)]  # the learning-curve hook sees the EMA model mid-run; the last step is the caller's
-    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 32.0, 32.0]]).repeat(8, 1)
-    use = conditioning_use(model, oracle_encode, latents, specs, time_ids, timesteps=(500,))
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(8, 1)
+    use = conditioning_use(model, oracle_encode, data["mean"], specs, time_ids, timesteps=(500,))
     assert all(torch.isfinite(torch.tensor(use[a]["gain"])) for a in ATTRIBUTES)
+
+
+def test_synthetic_latents_hold_the_patch_in_the_captions_cell():
+    data = synthetic_data(30, 3)
+    for latent, caption in zip(data["mean"], data["captions"]):
+        spec = spec_from_caption(caption)
+        row, col = ROWS.index(spec.row) * 3, COLS.index(spec.col) * 3
+        bright = latent[0] > latent[0].min() + 1.0
+        assert bright.sum() == 4 and bright[row:row + 2, col:col + 2].all()
+    assert torch.equal(data["latent_parameters"][:, :4], data["mean"])

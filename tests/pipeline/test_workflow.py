@@ -43,17 +43,22 @@ def test_chain_runs_then_skips_then_reruns_what_changed(tmp_path):
     assert _child_runs(root) == {"demo": 2, "demo_data": 1, "model_summary": 1}
     assert storage.read_json(str(marker))["finished_at"] == finished
 
-    # A different config for one stage (a per-stage override of the chain) re-runs that stage only.
-    third = _run_chain(root, ['+workflow.overrides.demo_data=["demo.seed=1"]'])
-    assert not third["stages"]["demo_data"].get("skipped")
-    assert third["stages"]["model_summary"] == {"skipped": True}
-    assert _child_runs(root) == {"demo": 3, "demo_data": 2, "model_summary": 1}
+    # A different config for the last step re-runs it alone; for an earlier step, it and every step after it (a
+    # later step reads what the earlier ones wrote).
+    third = _run_chain(root, ['+workflow.overrides.model_summary=["preset=full"]'])
+    assert third["stages"]["demo_data"] == {"skipped": True} and not third["stages"]["model_summary"].get("skipped")
+    assert _child_runs(root) == {"demo": 3, "demo_data": 1, "model_summary": 2}
+    fourth = _run_chain(root, ['+workflow.overrides.model_summary=["preset=full"]',
+                               '+workflow.overrides.demo_data=["demo.seed=1"]'])
+    assert not fourth["stages"]["demo_data"].get("skipped")
+    assert not fourth["stages"]["model_summary"].get("skipped")
+    assert _child_runs(root) == {"demo": 4, "demo_data": 2, "model_summary": 3}
 
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sdxl").experiment_id])
     parents = {r.info.run_id for r in runs if r.info.run_name == "demo"}
     children = [r for r in runs if r.info.run_name in ("demo_data", "model_summary")]
-    assert len(parents) == 3 and len(children) == 3
+    assert len(parents) == 4 and len(children) == 5
     assert all(r.data.tags.get("mlflow.parentRunId") in parents for r in children)
 
 
@@ -64,8 +69,8 @@ def test_missing_output_makes_a_stage_run_again(tmp_path):
     storage.remove(str(root / "demo_images"))
     again = _run_chain(root, [])
     assert not again["stages"]["demo_data"].get("skipped")
-    assert again["stages"]["model_summary"] == {"skipped": True}
-    assert _child_runs(root) == {"demo": 2, "demo_data": 2, "model_summary": 1}
+    assert not again["stages"]["model_summary"].get("skipped")  # its input was made again
+    assert _child_runs(root) == {"demo": 2, "demo_data": 2, "model_summary": 2}
 
 
 def test_the_command_line_wins_over_the_chains_per_step_overrides():
