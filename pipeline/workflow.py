@@ -45,16 +45,17 @@ def chained_hash(upstream: str, digest: str) -> str:
     return hashlib.sha256(f"{upstream}|{digest}".encode()).hexdigest()[:16]
 
 
-def _is_done(marker_uri: str, digest: str, expected: list[str]) -> bool:
+def _done_marker(marker_uri: str, digest: str, expected: list[str]) -> dict | None:
+    """The step's marker when it is complete for ``digest`` (every output still there), else None."""
     if not storage.exists(marker_uri):
-        return False
+        return None
     try:
         marker = storage.read_json(marker_uri)
     except (OSError, ValueError):
-        return False
+        return None
     if marker.get("config_hash") != digest:
-        return False
-    return all(storage.exists(path) for path in [*expected, *marker.get("outputs", [])])
+        return None
+    return marker if all(storage.exists(path) for path in [*expected, *marker.get("outputs", [])]) else None
 
 
 def _for_the_chain(override: str) -> bool:
@@ -147,10 +148,11 @@ def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
         digest = chained_hash(upstream, config_hash(stage_cfg))
         marker = storage.join(ctx.root, "workflow", name, f"{step}.json")
         expected = get_stage(stage).expected_outputs(stage_cfg)
-        if _is_done(marker, digest, expected):
+        done = _done_marker(marker, digest, expected)
+        if done is not None:
             log.info("workflow %s: %s is complete, skipping", name, step)
             results[step] = {"skipped": True}
-            finished_at = storage.read_json(marker)["finished_at"]
+            finished_at = done["finished_at"]
         else:
             log.info("workflow %s: running %s", name, step if step == stage else f"{step} ({stage})")
             result = execute(stage, stage_cfg, overrides=[*applied, *extra], parent_run_id=ctx.run_id)

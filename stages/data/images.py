@@ -80,10 +80,11 @@ _MAGIC = (
 IMAGE_MAGIC_LABELS = {"jpeg", "png", "gif", "bmp", "tiff", "webp"}
 
 
-def sniff_payload(data: bytes | None) -> str:
+def sniff_payload(data: bytes | memoryview | None) -> str:
     """A coarse label for a payload: an image format name by magic bytes, 'empty', 'html', 'text' or 'binary'."""
     if not data:
         return "empty"
+    data = bytes(data[:4096])  # all it looks at; also turns a memoryview (unit_buffer.py) into bytes
     for magic, name in _MAGIC:
         if data.startswith(magic):
             return name
@@ -130,7 +131,7 @@ def check_image(data: bytes | None, max_pixels: int,
                 return header, None, ""
         except (OSError, ValueError, SyntaxError) as err:
             header = ImageHeader(None, None, None, 1, _open_error(err))
-    label = sniff_payload(bytes(data[:4096]))  # a view (unit_buffer.py) has no startswith
+    label = sniff_payload(data)
     if label in IMAGE_MAGIC_LABELS:
         return header, "undecodable", f"{label}: {header.error}"
     return header, "not_an_image", f"payload looks like {label}"

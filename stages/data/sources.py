@@ -113,10 +113,8 @@ def read_folder_unit(unit: dict) -> Iterator[dict[str, Any]]:
         if buffer is None:
             yield {**sample, "image": storage.read_bytes(uri)}
         else:
-            image = buffer.read(index, uri)
-            in_buffer = isinstance(image, memoryview)
-            yield {**sample, "image": image, "image_buffer": buffer if in_buffer else None,
-                   "image_span": buffer.span(index) if in_buffer else None}
+            image = buffer.read(index, uri)  # plain bytes when the file changed size: then not the buffer's
+            yield {**sample, "image": image, "image_buffer": buffer if isinstance(image, memoryview) else None}
 
 
 # --------------------------------------------------------------------------------------------- webdataset units

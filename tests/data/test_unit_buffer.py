@@ -89,8 +89,8 @@ def test_a_file_that_changed_size_is_read_whole(tmp_path):
     first.write_bytes(grown)  # changed after listing: no longer fits its slice
     assert bytes(buffer.read(0, str(first))) == grown and not isinstance(buffer.read(0, str(first)), memoryview)
     assert isinstance(buffer.read(1, str(second)), memoryview)
-    raws = [{"key": "a", "image": buffer.read(0, str(first)), "image_buffer": buffer, "image_span": buffer.span(0)},
-            {"key": "b", "image": buffer.read(1, str(second)), "image_buffer": buffer, "image_span": buffer.span(1)}]
+    raws = [{"key": "a", "image": buffer.read(0, str(first)), "image_buffer": buffer},
+            {"key": "b", "image": buffer.read(1, str(second)), "image_buffer": buffer}]
     rows = [{"image": raw["image"]} for raw in raws]
     assert image_column(rows, raws) is None  # not the buffer's bytes: the caller copies
 
