@@ -172,3 +172,31 @@ def remove(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file or folder to ``dst`` (which must not exist). Local: one rename. Object stores have no rename:
+    each object is copied on the server, then the source objects are deleted, so an interrupted move leaves every
+    object in at least one of the two places."""
+    fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    if type(fs) is not type(dst_fs):
+        raise ValueError(f"cannot move {src} to {dst}: another filesystem")
+    if dst_fs.get_file_info(dst_path).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"cannot move {src} to {dst}: the target exists")
+    info = fs.get_file_info(src_path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"cannot move {src}: it does not exist")
+    if not is_remote(src):
+        fs.create_dir(posixpath.dirname(dst_path.rstrip("/")), recursive=True)
+        fs.move(src_path, dst_path)
+        return
+    if info.type == pafs.FileType.File:
+        fs.copy_file(src_path, dst_path)
+        fs.delete_file(src_path)
+        return
+    base = src_path.rstrip("/")
+    for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if entry.type == pafs.FileType.File:
+            fs.copy_file(entry.path, posixpath.join(dst_path, posixpath.relpath(entry.path, base)))
+    fs.delete_dir(base)

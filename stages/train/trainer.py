@@ -8,6 +8,8 @@ with the same ``RunConfig(name, storage_path)`` resumes from the latest checkpoi
 
 Layout: ``<storage>/<stage>/checkpoint_<step>/`` (Ray Train's run folder, storage = ``<root>/runs`` unless
 ``train.storage_path``), ``<root>/runs/<stage>/final/{model,ema,info.json}`` and ``.../samples/step_NNNNNN.png``.
+Before training, a run folder made from other inputs (a retrained parent, another VAE or dataset) is moved aside so
+the stage starts over instead of resuming it (:mod:`stages.train.stage_inputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from omegaconf import OmegaConf
 
 from pipeline import storage
 from stages.train import plan as plan_mod
+from stages.train.stage_inputs import inputs_hash, set_aside_stale_run, stage_inputs
 
 
 def cluster_settings(cfg) -> dict:
@@ -43,14 +46,15 @@ def storage_path(cfg, ctx) -> str:
     return path if storage.is_remote(path) or path.startswith("file://") else os.path.abspath(path)
 
 
-def loop_config(cfg, ctx) -> dict:
+def loop_config(cfg, ctx, inputs_hash: str | None = None) -> dict:
     """The plain-dict ``train_loop_config`` (Ray pickles it to the workers)."""
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     return {"cfg": container, "root": str(ctx.root), "stage": ctx.stage, "tracking_uri": ctx.tracking_uri,
-            "run_id": ctx.run_id, "ray_run_dir": storage.join(storage_path(cfg, ctx), ctx.stage)}
+            "run_id": ctx.run_id, "ray_run_dir": storage.join(storage_path(cfg, ctx), ctx.stage),
+            "inputs_hash": inputs_hash}
 
 
-def build_trainer(cfg, ctx):
+def build_trainer(cfg, ctx, inputs_hash: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -65,7 +69,7 @@ def build_trainer(cfg, ctx):
         resources["GPU"] = cluster["gpus_per_worker"]
     return TorchTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config=loop_config(cfg, ctx),
+        train_loop_config=loop_config(cfg, ctx, inputs_hash),
         scaling_config=ScalingConfig(num_workers=cluster["num_workers"], use_gpu=cluster["use_gpu"],
                                      resources_per_worker=resources),
         run_config=RunConfig(name=ctx.stage, storage_path=storage_path(cfg, ctx),
@@ -84,10 +88,13 @@ def run_training(cfg, ctx) -> dict:
         return {"stage": ctx.stage, "dry_run": True, "plan": the_plan}
 
     ctx.log_dict(OmegaConf.to_container(cfg.train, resolve=True), "train_config.json")
-    result = build_trainer(cfg, ctx).fit()
+    final_dir = storage.join(ctx.root, "runs", ctx.stage, "final")
+    inputs = stage_inputs(cfg)
+    current = inputs_hash(inputs)
+    set_aside_stale_run(storage.join(storage_path(cfg, ctx), ctx.stage), final_dir, current, inputs)
+    result = build_trainer(cfg, ctx, current).fit()
     if result.error is not None:
         raise result.error
-    final_dir = storage.join(ctx.root, "runs", ctx.stage, "final")
     info_path = storage.join(final_dir, "info.json")
     info = storage.read_json(info_path) if storage.exists(info_path) else {}
     checkpoint = result.checkpoint
