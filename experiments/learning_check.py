@@ -68,9 +68,13 @@ def main() -> None:
     from pipeline.dispatch import execute
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from hydra import initialize_config_dir
+
     cfg, overrides = chain_config(args)
     started = time.time()
-    result = execute("demo", cfg, overrides=overrides)
+    # The workflow composes each step's config, so it needs Hydra initialised as the CLI has it.
+    with initialize_config_dir(config_dir=os.path.join(REPO, "pipeline", "conf"), version_base=None):
+        result = execute("demo", cfg, overrides=overrides)
     score = result["stages"]["evaluate"]["prompt_following"]
     use = score["conditioning_use"]
     print(f"wall {time.time() - started:.0f} s; step seconds "
