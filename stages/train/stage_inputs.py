@@ -6,7 +6,8 @@ retrained parent stage, another trained VAE, other text encoders or another data
 (or keep training) weights made from the old inputs, and every later stage would build on them. So each checkpoint
 and ``final/info.json`` record an ``inputs_hash``; before training, a run folder whose recorded hash differs from
 the current inputs is moved aside to ``<run>.replaced-<UTC time>`` (kept, not deleted: it may hold GPU-months of
-work) and the stage starts over. Runs written before the hash existed carry none and are continued as before.
+work) and the stage starts over. A run written before the hash existed carries none: it is set aside only when its
+parent's weights were written after it, and otherwise continued as before.
 """
 
 from __future__ import annotations
@@ -68,15 +69,20 @@ def inputs_hash(inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def recorded_hashes(run_dir: str, final_dir: str) -> dict[str, str]:
-    """{file: inputs_hash} recorded by the run's newest checkpoint and its final/info.json (when they hold one)."""
-    found = {}
+def _records(run_dir: str, final_dir: str) -> list[str]:
+    """The files that say what a run was made from: its newest checkpoint's meta.json and its final/info.json."""
     checkpoints = checkpointing.list_checkpoints(run_dir)
     files = [storage.join(checkpoints[0], checkpointing.META_FILE)] if checkpoints else []
     files.append(storage.join(final_dir, "info.json"))
-    for path in files:
+    return [path for path in files if storage.is_file(path)]
+
+
+def recorded_hashes(run_dir: str, final_dir: str) -> dict[str, str]:
+    """{file: inputs_hash} recorded by the run's newest checkpoint and its final/info.json (when they hold one)."""
+    found = {}
+    for path in _records(run_dir, final_dir):
         try:
-            value = storage.read_json(path).get("inputs_hash") if storage.is_file(path) else None
+            value = storage.read_json(path).get("inputs_hash")
         except (OSError, ValueError):  # a corrupted file is the resume logic's business
             value = None
         if value:
@@ -84,19 +90,41 @@ def recorded_hashes(run_dir: str, final_dir: str) -> dict[str, str]:
     return found
 
 
-def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict[str, str]) -> str | None:
-    """Move ``run_dir`` (and ``final_dir`` when it lies elsewhere) aside when they were made from other inputs;
-    returns where the old run went, or None when there was nothing to move."""
-    stale = {path: h for path, h in recorded_hashes(run_dir, final_dir).items() if h != current}
-    if not stale:
+def _mtime(uri: str) -> float:
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
+def _older_than_parent(records: list[str], parent: str | None) -> bool:
+    """A run recorded before inputs_hash existed is stale when its parent's weights were written after it."""
+    if not records or not parent:
+        return False
+    info = storage.join(_parent(parent), "info.json")
+    source = info if storage.is_file(info) else storage.join(parent, DIFFUSERS_WEIGHTS)
+    return _mtime(source) > max(_mtime(path) for path in records)
+
+
+def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict[str, str],
+                        parent: str | None = None) -> str | None:
+    """Move ``run_dir`` (and ``final_dir`` when it lies elsewhere) aside when they were made from other inputs
+    (another recorded inputs_hash; with none recorded, a ``parent`` folder written after them); returns where the
+    old run went, or None when there was nothing to move."""
+    recorded = recorded_hashes(run_dir, final_dir)
+    stale = sorted({h for h in recorded.values() if h != current})
+    if recorded and not stale:
         return None
+    if not recorded:
+        if not _older_than_parent(_records(run_dir, final_dir), parent):
+            return None
+        stale = [f"none recorded, and {parent} is newer than the run"]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = f"{str(run_dir).rstrip('/')}.replaced-{stamp}"
     if storage.exists(run_dir):
         storage.move(run_dir, target)
     if not _inside(final_dir, run_dir) and storage.exists(final_dir):
         storage.move(final_dir, storage.join(target, "final"))
-    log.warning("%s was made from other inputs (recorded inputs_hash %s, now %s: %s); starting the stage over. "
-                "The old run is kept at %s", run_dir, ", ".join(sorted(set(stale.values()))), current,
-                json.dumps(inputs, sort_keys=True), target)
+    log.warning("%s was made from other inputs (recorded inputs_hash %s; now %s: %s); starting the stage over. "
+                "The old run is kept at %s", run_dir, ", ".join(stale), current, json.dumps(inputs, sort_keys=True),
+                target)
     return target

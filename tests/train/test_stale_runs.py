@@ -4,6 +4,7 @@ continuing, or simply keeping, the weights it made from the old inputs; the old 
 import glob
 import json
 import os
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -79,11 +80,25 @@ def test_a_run_from_other_inputs_is_moved_aside_and_the_same_inputs_kept(tmp_pat
     assert os.path.isfile(os.path.join(moved, "final", "info.json"))
 
 
-def test_a_run_from_before_inputs_were_recorded_is_continued(tmp_path):
-    run_dir = str(tmp_path / "runs" / "child")
+def _age(path: str, seconds_ago: float) -> None:
+    stamp = time.time() - seconds_ago
+    os.utime(path, (stamp, stamp))
+
+
+def test_a_run_from_before_inputs_were_recorded_is_continued_unless_its_parent_is_newer(tmp_path):
+    root = str(tmp_path)
+    parent = _fake_final(root, "parent", run_id="first")
+    run_dir = os.path.join(root, "runs", "child")
+    final = os.path.join(run_dir, "final")
     _fake_run(run_dir, None)
-    assert set_aside_stale_run(run_dir, os.path.join(run_dir, "final"), "bbbb", {}) is None
+    _age(os.path.join(root, "runs", "parent", "final", "info.json"), 3600)  # the parent was made before the run
+    assert set_aside_stale_run(run_dir, final, "bbbb", {}, parent=parent) is None
+    assert set_aside_stale_run(run_dir, final, "bbbb", {}) is None
     assert os.path.isdir(run_dir)
+    for record in (os.path.join(run_dir, "checkpoint_000000002", "meta.json"), os.path.join(final, "info.json")):
+        _age(record, 7200)  # now the parent was retrained after the run
+    moved = set_aside_stale_run(run_dir, final, "bbbb", {}, parent=parent)
+    assert moved and not os.path.exists(run_dir)
 
 
 def test_a_final_folder_outside_the_checkpoint_storage_moves_with_it(tmp_path):
