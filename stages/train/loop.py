@@ -221,7 +221,7 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
             info = final_export.final_info(cfg, config["stage"], max_steps, task.lineage_tags(),
                                            meta["config_hash"])
             # Evaluation logs back into the run that trained these weights.
-            info["inputs_hash"] = config.get("inputs_hash")  # what stage_inputs names a changed start by
+            info["inputs_hash"] = meta["inputs_hash"]  # what stage_inputs names a changed start by
             info["mlflow_run_id"] = config.get("run_id")
             info["mlflow_tracking_uri"] = config.get("tracking_uri")
             final_export.export_final(task, full, ema_full, final_dir, info, logger)

@@ -28,31 +28,36 @@ log = logging.getLogger(__name__)
 DIFFUSION_TASKS = ("base", "refiner")
 
 
+def _identity_file(folder: str) -> str:
+    """What names a weights folder: a stage's ``final/info.json`` beside it, else its weights file."""
+    info = storage.join(_parent(folder), "info.json")
+    return info if storage.is_file(info) else storage.join(folder, DIFFUSERS_WEIGHTS)
+
+
 def weights_identity(folder: str) -> str:
     """A stage's final weights are named by their ``final/info.json`` (which carries the training run's id, step
     and its own inputs, so a retrained parent differs even at the same path and the chain of stages is covered);
     any other folder by the hash of its weights file."""
-    info = storage.join(_parent(folder), "info.json")
-    source = info if storage.is_file(info) else storage.join(folder, DIFFUSERS_WEIGHTS)
-    return f"{folder}@sha256:{hashlib.sha256(storage.read_bytes(source)).hexdigest()[:16]}"
+    return f"{folder}@sha256:{hashlib.sha256(storage.read_bytes(_identity_file(folder))).hexdigest()[:16]}"
 
 
 def _parent(path: str) -> str:
     path = str(path).rstrip("/")
-    return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
+    return posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
 def _inside(path: str, folder: str) -> bool:
-    if "://" not in str(path):
+    if not storage.is_remote(path):
         path, folder = os.path.abspath(path), os.path.abspath(folder)
     return str(path).rstrip("/").startswith(str(folder).rstrip("/") + "/")
 
 
-def stage_inputs(cfg) -> dict[str, str]:
-    """The artifacts a training stage starts from: its parent weights (``train.init_from``), and for the diffusion
-    tasks the frozen VAE and text encoders and the dataset manifest. Settings are not inputs (they are the config)."""
+def stage_inputs(cfg, init: str | None = None) -> dict[str, str]:
+    """The artifacts a training stage starts from: its parent weights (``init``, by default resolved from
+    ``train.init_from``), and for the diffusion tasks the frozen VAE and text encoders and the dataset manifest.
+    Settings are not inputs (they are the config)."""
     inputs: dict[str, str] = {}
-    init = resolve_init_from(cfg)
+    init = init if init is not None else resolve_init_from(cfg)
     if init is not None:
         inputs["init"] = weights_identity(init)
     if str(task_option(cfg, "task")) in DIFFUSION_TASKS and "loader" in cfg and "model" in cfg:
@@ -63,6 +68,15 @@ def stage_inputs(cfg) -> dict[str, str]:
     if "loader" in cfg and "data" in cfg:
         inputs["manifest_sha256"] = data_lineage(cfg)["manifest_sha256"]
     return inputs
+
+
+def prepare_run(cfg, run_dir: str, final_dir: str) -> str:
+    """The stage's inputs_hash, after setting aside a run in ``run_dir`` / ``final_dir`` made from other inputs."""
+    parent = resolve_init_from(cfg)
+    inputs = stage_inputs(cfg, parent)
+    current = inputs_hash(inputs)
+    set_aside_stale_run(run_dir, final_dir, current, inputs, parent)
+    return current
 
 
 def inputs_hash(inputs: dict[str, str]) -> str:
@@ -77,10 +91,10 @@ def _records(run_dir: str, final_dir: str) -> list[str]:
     return [path for path in files if storage.is_file(path)]
 
 
-def recorded_hashes(run_dir: str, final_dir: str) -> dict[str, str]:
-    """{file: inputs_hash} recorded by the run's newest checkpoint and its final/info.json (when they hold one)."""
+def recorded_hashes(records: list[str]) -> dict[str, str]:
+    """{file: inputs_hash} of the record files that hold one."""
     found = {}
-    for path in _records(run_dir, final_dir):
+    for path in records:
         try:
             value = storage.read_json(path).get("inputs_hash")
         except (OSError, ValueError):  # a corrupted file is the resume logic's business
@@ -100,9 +114,7 @@ def _older_than_parent(records: list[str], parent: str | None) -> bool:
     """A run recorded before inputs_hash existed is stale when its parent's weights were written after it."""
     if not records or not parent:
         return False
-    info = storage.join(_parent(parent), "info.json")
-    source = info if storage.is_file(info) else storage.join(parent, DIFFUSERS_WEIGHTS)
-    return _mtime(source) > max(_mtime(path) for path in records)
+    return _mtime(_identity_file(parent)) > max(_mtime(path) for path in records)
 
 
 def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict[str, str],
@@ -110,12 +122,13 @@ def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict
     """Move ``run_dir`` (and ``final_dir`` when it lies elsewhere) aside when they were made from other inputs
     (another recorded inputs_hash; with none recorded, a ``parent`` folder written after them); returns where the
     old run went, or None when there was nothing to move."""
-    recorded = recorded_hashes(run_dir, final_dir)
+    records = _records(run_dir, final_dir)
+    recorded = recorded_hashes(records)
     stale = sorted({h for h in recorded.values() if h != current})
     if recorded and not stale:
         return None
     if not recorded:
-        if not _older_than_parent(_records(run_dir, final_dir), parent):
+        if not _older_than_parent(records, parent):
             return None
         stale = [f"none recorded, and {parent} is newer than the run"]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -20,8 +20,7 @@ from omegaconf import OmegaConf
 
 from pipeline import storage
 from stages.train import plan as plan_mod
-from stages.train.stage_inputs import inputs_hash, set_aside_stale_run, stage_inputs
-from stages.train.tasks import resolve_init_from
+from stages.train.stage_inputs import prepare_run
 
 
 def cluster_settings(cfg) -> dict:
@@ -90,10 +89,7 @@ def run_training(cfg, ctx) -> dict:
 
     ctx.log_dict(OmegaConf.to_container(cfg.train, resolve=True), "train_config.json")
     final_dir = storage.join(ctx.root, "runs", ctx.stage, "final")
-    inputs = stage_inputs(cfg)
-    current = inputs_hash(inputs)
-    set_aside_stale_run(storage.join(storage_path(cfg, ctx), ctx.stage), final_dir, current, inputs,
-                        parent=resolve_init_from(cfg))
+    current = prepare_run(cfg, storage.join(storage_path(cfg, ctx), ctx.stage), final_dir)
     result = build_trainer(cfg, ctx, current).fit()
     if result.error is not None:
         raise result.error
