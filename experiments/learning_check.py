@@ -1,21 +1,22 @@
-"""How much does a short chain through the real stages learn? (the ≤ 3-minute learning check of issue 10 §5)
+"""Variations of the learning check (`stage=learning_check`, pipeline/conf/stage/learning_check.yaml): how much does a
+short chain through the real stages learn with other lengths, batches, timesteps or learning rates?
 
-Runs demo_data → data → [train_vae] → cache_latents (32 px) → pretrain256 → export → the prompt-following evaluation
-(conditioning use included) of the exported base in diffusers, with the demo's recipe and shorter runs, under a fresh
-root, and prints each step's seconds and the scores. docs/decisions.md (2026-12-01, "Conditioning use") has what it
-gave.
+Runs the check's chain (demo_data → data → [train_vae] → cache_32 → pretrain256 → export → the
+prompt-following evaluation of the exported base in diffusers) under a fresh root with the given changes, and prints each step's
+seconds, the scores and whether the check's goals were met. docs/decisions.md ("A learning check in the suite") has
+what it gave.
 
-    python experiments/learning_check.py ROOT [--images 200] [--vae-steps 0] [--vae DIR] [--base-steps 150]
-                                              [--batch 32] [--resolution 32]
+    python experiments/learning_check.py ROOT [--images N] [--vae DIR] [--vae-steps N] [--base-steps N] [--batch N]
+                                              [--lr X] [--t-range LO,HI] [--prompts N] [--sample-steps N]
+                                              [--set STEP:KEY=VALUE ...]
 
-``--vae DIR`` uses an autoencoder trained before (e.g. ``outputs/runs/train_vae/final/model`` from ``make demo``)
-instead of a train_vae step; otherwise train_vae runs ``--vae-steps`` steps.
+Unset options keep the stage's values. ``--vae DIR`` uses an autoencoder trained before (e.g.
+``outputs/runs/train_vae/final/model`` from ``make demo``) instead of the train_vae step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,65 +25,95 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+def step_overrides(args) -> dict[str, list[str]]:
+    """Per-step overrides for the options that were given."""
+    steps: dict[str, list[str]] = {"demo_data": [], "train_vae": [], "cache_32": [], "pretrain256": [], "export": [],
+                                   "evaluate": []}
+    if args.images is not None:
+        steps["demo_data"].append(f"demo.num_images={args.images}")
+    if args.vae_steps is not None:
+        steps["train_vae"] += [f"train.max_steps={args.vae_steps}", f"train.checkpoint_every={args.vae_steps}"]
+    if args.base_steps is not None:
+        steps["pretrain256"] += [f"train.max_steps={args.base_steps}", f"train.checkpoint_every={args.base_steps}"]
+    if args.batch is not None:
+        steps["pretrain256"] += [f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}"]
+    if args.lr is not None:
+        steps["pretrain256"].append(f"train.lr={args.lr}")
+    if args.t_range is not None:
+        steps["pretrain256"].append(f"train.t_range=[{args.t_range}]")
+    if args.prompts is not None:
+        steps["evaluate"].append(f"evaluate.prompt_following.num_prompts={args.prompts}")
+    if args.sample_steps is not None:
+        steps["evaluate"].append(f"evaluate.prompt_following.steps={args.sample_steps}")
+    for item in args.set or []:
+        step, _, override = item.partition(":")
+        if step not in steps or not override:
+            raise SystemExit(f"--set wants STEP:key=value with STEP one of {sorted(steps)}, got {item!r}")
+        steps[step].append(override)
+    if args.vae:
+        vae = os.path.abspath(args.vae)
+        steps["cache_32"].append(f"++train.vae_from={vae}")
+        steps["pretrain256"].append(f"++train.vae_from={vae}")
+        steps["export"].append(f"export.vae={vae}")
+    return steps
+
+
 def chain_config(args):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    chain = ["demo_data", "data"] + ([] if args.vae else ["train_vae"]) + ["cache_32", "pretrain256", "export",
-                                                                            "evaluate"]
-    overrides = [f"paths.root={os.path.abspath(args.root)}", "stage=demo", f"demo.num_images={args.images}",
-                 "mlflow.enabled=false"]
-    res = args.resolution
+    overrides = [f"paths.root={os.path.abspath(args.root)}", "mlflow.enabled=false"]
     with initialize_config_dir(config_dir=os.path.join(REPO, "pipeline", "conf"), version_base=None):
-        cfg = compose(config_name="config", overrides=[*overrides, f"workflow.chain=[{','.join(chain)}]"])
+        cfg = compose(config_name="config", overrides=[*overrides, "stage=learning_check"])
     with open_dict(cfg):
-        steps = cfg.workflow.overrides
-        steps["train_vae"] += [f"train.max_steps={args.vae_steps}"]
-        steps["cache_32"] += ["cache.num_actors=1", f"loader.resolution={res}"]
-        steps["pretrain256"] += [f"train.max_steps={args.base_steps}", f"train.global_batch_size={args.batch}",
-                                 f"train.micro_batch_size={args.batch}", "train.sample_every=100000",
-                                 "train.eval_every=100000", f"loader.resolution={res}"]
-        steps["evaluate"] += [f"evaluate.resolution={res}", "evaluate.kind=prompt_following",
-                              "evaluate.prompt_following.num_prompts=9", "evaluate.prompt_following.steps=4"]
         if args.vae:
-            vae = os.path.abspath(args.vae)
-            steps["cache_32"] += [f"++train.vae_from={vae}"]
-            steps["pretrain256"] += [f"++train.vae_from={vae}"]
-            steps["export"] = [*steps.get("export", []), f"export.vae={vae}"]
-    return cfg, [o for o in overrides if o != "stage=demo"]
+            cfg.workflow.chain = [step for step in cfg.workflow.chain if step != "train_vae"]
+        for step, extra in step_overrides(args).items():
+            cfg.workflow.overrides[step] = [*(cfg.workflow.overrides.get(step) or []), *extra]
+    return cfg, overrides
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root")
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--vae", default=None)
-    parser.add_argument("--vae-steps", type=int, default=2)
-    parser.add_argument("--base-steps", type=int, default=150)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--resolution", type=int, default=32)
+    for name, kind in (("--images", int), ("--vae-steps", int), ("--base-steps", int), ("--batch", int),
+                       ("--lr", float), ("--prompts", int), ("--sample-steps", int)):
+        parser.add_argument(name, type=kind, default=None)
+    parser.add_argument("--t-range", default=None, help="the base's training timesteps, as LO,HI")
+    parser.add_argument("--vae", default=None, help="a trained autoencoder folder instead of the train_vae step")
+    parser.add_argument("--set", action="append", metavar="STEP:KEY=VALUE", help="any other override for one step")
     args = parser.parse_args()
     os.chdir(REPO)
     import ray
-
-    from pipeline.dispatch import execute
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from hydra import initialize_config_dir
 
+    from pipeline import storage
+    from pipeline.dispatch import execute
+    from pipeline.workflow import LearningCheckFailed
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     cfg, overrides = chain_config(args)
     started = time.time()
+    verdict = "met every goal"
     # The workflow composes each step's config, so it needs Hydra initialised as the CLI has it.
     with initialize_config_dir(config_dir=os.path.join(REPO, "pipeline", "conf"), version_base=None):
-        result = execute("demo", cfg, overrides=overrides)
-    score = result["stages"]["evaluate"]["prompt_following"]
+        try:
+            execute("learning_check", cfg, overrides=overrides)
+        except LearningCheckFailed as exc:
+            verdict = f"FAILED: {exc}"
+    root = os.path.abspath(args.root)
+    markers = {step: storage.read_json(storage.join(root, "workflow", "learning_check", f"{step}.json"))
+               for step in cfg.workflow.chain}
+    score = markers["evaluate"]["result"]["prompt_following"]
     use = score["conditioning_use"]
-    print(f"wall {time.time() - started:.0f} s; step seconds "
-          f"{json.dumps({k: v.get('seconds') for k, v in result['stages'].items()})}")
-    print("accuracy (9 prompts): " + ", ".join(f"{k} {score[f'{k}_accuracy']:.2f}"
-                                                for k in ("background", "object_color", "position")))
+    seconds = {step: round(m["result"].get("seconds") or 0, 1) for step, m in markers.items()}
+    print(f"wall {time.time() - started:.0f} s; step seconds {seconds}")
+    print(f"accuracy ({score['num_images']} prompts): " + ", ".join(
+        f"{k} {score[f'{k}_accuracy']:.2f}" for k in ("background", "object_color", "position"))
+        + f"; background lightness AUC {score['background_lightness_auc']:.2f}")
     print(f"conditioning use ({use['num_images']} held-out images): " + ", ".join(
         f"{k} {100 * use[k]['gain']:+.1f}% (z {use[k]['z']:.1f})" for k in ("background", "object_color", "position")))
+    print(f"goals {dict(cfg.learning_check.goals)}: {verdict}")
 
 
 if __name__ == "__main__":

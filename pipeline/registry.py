@@ -88,6 +88,9 @@ _SPECS = [
     StageSpec("generate", "stages.generate:run", "images through the Serve app over HTTP, saved under <root>/generated"),
     StageSpec("demo", "pipeline.workflow:run_demo", "the whole chain on generated demo data at the tiny preset",
               **_LONG),
+    StageSpec("learning_check", "pipeline.workflow:run_learning_check",
+              "a few-minute chain that trains the tiny base on demo data and fails unless it follows its prompts",
+              **_LONG),
 ]
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in _SPECS}
 

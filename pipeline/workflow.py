@@ -1,4 +1,4 @@
-"""Chained stages (the `demo` workflow) with completion markers, so a re-run skips what is done.
+"""Chained stages (the `demo` and `learning_check` workflows) with completion markers, so a re-run skips what is done.
 
 A chain is declarative: `workflow.chain` lists step names, `workflow.overrides.<step>` adds overrides for one
 step. A step is a stage name, or a name `workflow.aliases` maps to a stage (so one stage can run twice with different
@@ -190,3 +190,46 @@ def _check_every_override_applies(user: list[str], steps: list[tuple], name: str
 
 def run_demo(cfg: DictConfig, ctx: StageContext) -> dict:
     return run_chain(cfg, ctx, "demo")
+
+
+class LearningCheckFailed(RuntimeError):
+    """The short chain trained, but its model scores below a goal of `learning_check.goals`."""
+
+
+def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
+    """The `learning_check` chain, then its exported base's prompt-following scores held to `learning_check.goals`
+    (pipeline/conf/stage/learning_check.yaml). Raises :class:`LearningCheckFailed` naming each missed goal."""
+    result = run_chain(cfg, ctx, "learning_check")
+    # The evaluate step's scores, also when a re-run skipped it: its completion marker keeps its result.
+    marker = storage.read_json(storage.join(ctx.root, "workflow", "learning_check", "evaluate.json"))
+    scores = marker["result"]["prompt_following"]
+    goals = OmegaConf.to_container(cfg.learning_check.goals, resolve=True)
+    verdict = check_goals(scores, goals)
+    result["learning_check"] = verdict
+    log.info("learning check: %s", "; ".join(f"{name} {_number(c['value'])} (goal >= {c['goal']}, chance "
+                                              f"{_number(c['chance'])})" for name, c in verdict["checks"].items()))
+    if not verdict["passed"]:
+        missed = [f"{name} {_number(c['value'])} < {c['goal']}" for name, c in verdict["checks"].items()
+                  if not c["met"]]
+        raise LearningCheckFailed(f"the short training run did not learn the demo data: {', '.join(missed)} "
+                                  f"(grid: {scores.get('grid')})")
+    return result
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def check_goals(scores: dict, goals: dict) -> dict:
+    """Each goal's score, chance level and whether it is met; ``passed`` when all are. A goal naming a score the
+    evaluation does not produce is a config error."""
+    checks = {}
+    for name, goal in goals.items():
+        if name not in scores:
+            raise KeyError(f"learning_check.goals.{name}: the evaluation has no such score "
+                           f"(it has {sorted(k for k in scores if k.endswith(('_accuracy', '_auc')))})")
+        value = scores[name]
+        chance = scores.get(name.replace("_accuracy", "_chance").replace("_auc", "_chance"))
+        checks[name] = {"value": value, "goal": float(goal), "chance": chance,
+                        "met": value is not None and float(value) >= float(goal)}
+    return {"passed": all(c["met"] for c in checks.values()), "checks": checks}

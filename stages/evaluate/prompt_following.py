@@ -11,7 +11,11 @@ generator's palettes are built so that pixels alone tell them apart: object colo
 - position: the centre of the winning colour's pixels (midpoint of their 2nd and 98th percentiles, robust to stray
   pixels and unbiased for a triangle, unlike the centroid) → the 3×3 cell, with the thirds the generator captions by.
 
-Scores are accuracies against the prompt, next to their chance levels (1/7, 1/6, 1/9). Validated on real demo images,
+Scores are accuracies against the prompt, next to their chance levels (1/7, 1/6, 1/9). A coarser measure,
+``background_lightness_auc``, asks only whether backgrounds prompted light (white, beige) are drawn lighter than those
+prompted dark (black, blue, brown): over every such pair of images, the share in which the light one's border is
+brighter (chance 0.5). A young model gets the lightness right long before the exact hue, so this is the measure a
+short learning check can hold to (pipeline/conf/stage/learning_check.yaml). Validated on real demo images,
 which it reads almost perfectly (tests/evaluate/test_prompt_following.py; ``validate_on_demo_images``).
 Held-out prompts are drawn from the generator's vocabulary and exclude every caption of the training data.
 """
@@ -30,6 +34,10 @@ ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL_OF_PHRASE = {phrase: cell for cell, phrase in POSITION_PHRASES.items()}
 CHANCE = {"object_color": 1 / len(OBJECT_COLORS), "background": 1 / len(BACKGROUND_COLORS),
           "position": 1 / len(POSITION_PHRASES)}
+# Rec. 601 luma; backgrounds whose palette colour is above / below mid-gray count as light / dark (gray is neither).
+_LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+LIGHT_BACKGROUNDS = tuple(n for n, rgb in BACKGROUND_COLORS.items() if float(np.dot(rgb, _LUMA)) > 140)
+DARK_BACKGROUNDS = tuple(n for n, rgb in BACKGROUND_COLORS.items() if float(np.dot(rgb, _LUMA)) < 110)
 MIN_OBJECT_SHARE = 0.002  # below this share of the image the object counts as absent (e.g. 8 px at 64²)
 BORDER_PX = 2
 
@@ -63,6 +71,7 @@ class Reading:
     row: str | None
     col: str | None
     object_share: float
+    border_lightness: float  # mean luma of the border pixels, 0-255
 
 
 _BG_NAMES = list(BACKGROUND_COLORS)
@@ -88,11 +97,12 @@ def read_image(image) -> Reading:
                              pixels[:, :BORDER_PX].reshape(-1, 3), pixels[:, -BORDER_PX:].reshape(-1, 3)])
     votes = np.bincount(_distance_to_shades(border, _BG_SHADES).argmin(0), minlength=len(_BG_NAMES))
     background = int(votes.argmax())
+    lightness = float((border @ _LUMA).mean())
     flat = pixels.reshape(-1, 3)
     off_background = _distance_to_shades(flat, _BG_SHADES[background][None])[0] > MIN_COLOR_DISTANCE / 2
     share = float(off_background.mean())
     if share < MIN_OBJECT_SHARE:
-        return Reading(_BG_NAMES[background], None, None, None, share)
+        return Reading(_BG_NAMES[background], None, None, None, share, lightness)
     candidates = flat[off_background]
     nearest = np.sqrt(((candidates[:, None, :] - _OBJ_RGB[None]) ** 2).sum(-1)).argmin(1)
     color = int(np.bincount(nearest, minlength=len(_OBJ_NAMES)).argmax())
@@ -103,7 +113,7 @@ def read_image(image) -> Reading:
     cx = (np.percentile(xs, 2) + np.percentile(xs, 98) + 1) / 2 / w
     row = ROWS[min(2, int(cy * 3))]
     col = COLS[min(2, int(cx * 3))]
-    return Reading(_BG_NAMES[background], _OBJ_NAMES[color], row, col, share)
+    return Reading(_BG_NAMES[background], _OBJ_NAMES[color], row, col, share, lightness)
 
 
 def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
@@ -117,7 +127,19 @@ def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
     position = sum((r.row, r.col) == (s.row, s.col) for r, s in pairs) / n
     return {"object_color_accuracy": object_color, "background_accuracy": background, "position_accuracy": position,
             "object_color_chance": CHANCE["object_color"], "background_chance": CHANCE["background"],
-            "position_chance": CHANCE["position"], "num_images": n}
+            "position_chance": CHANCE["position"], "num_images": n,
+            "background_lightness_auc": lightness_auc(pairs), "background_lightness_chance": 0.5}
+
+
+def lightness_auc(pairs: list[tuple[Reading, PromptSpec]]) -> float | None:
+    """Over every (light-prompted, dark-prompted) pair of images, the share where the light one's border is brighter
+    (ties count half): the Mann-Whitney AUC. None without both kinds of prompt."""
+    light = np.asarray([r.border_lightness for r, s in pairs if s.background in LIGHT_BACKGROUNDS])
+    dark = np.asarray([r.border_lightness for r, s in pairs if s.background in DARK_BACKGROUNDS])
+    if not len(light) or not len(dark):
+        return None
+    diff = light[:, None] - dark[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
 def heldout_specs(count: int, seed: int = 0, exclude_prompts: Iterable[str] = ()) -> list[PromptSpec]:

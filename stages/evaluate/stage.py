@@ -184,7 +184,8 @@ def evaluate_prompt_following(cfg: DictConfig, ctx: StageContext) -> dict:
 
     summary, files = run_score(cfg, ctx)
     metrics = {f"prompt_following_{name}": summary[name]
-               for name in ("object_color_accuracy", "background_accuracy", "position_accuracy")}
+               for name in ("object_color_accuracy", "background_accuracy", "position_accuracy",
+                            "background_lightness_auc") if summary.get(name) is not None}
     use = summary["conditioning_use"]
     for attribute in ("background", "object_color", "position"):
         metrics[f"conditioning_use_{attribute}_gain"] = use[attribute]["gain"]

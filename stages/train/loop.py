@@ -126,6 +126,10 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        # As many intra-op threads as CPUs Ray reserved for this worker: Ray's own OMP_NUM_THREADS is skipped when
+        # the driver's environment already sets one (a test session's 1 ran the learning check single-threaded).
+        torch.set_num_threads(max(1, int(float(config["cfg"].get("cluster", {}).get("cpus_per_worker", 1)))))
     run_worker(config, tctx.get_world_rank(), tctx.get_world_size(), device, ray.train.get_checkpoint())
 
 
@@ -172,7 +176,8 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         log.warning("training %s: steps %d→%d, %d worker(s) × micro-batch %d × %d accumulation = %d per step%s",
                     config["stage"], start_step, max_steps, world_size, micro, accum, micro * world_size * accum,
                     f", resumed from {resumed_path}" if resumed_path else "")
-        logger.set_tags({"train.accumulation": accum, "train.world_size": world_size, **task.lineage_tags()})
+        logger.set_tags({"train.accumulation": accum, "train.world_size": world_size,
+                         "train.torch_threads": torch.get_num_threads(), **task.lineage_tags()})
 
     meta = {"model_name": task.model_name, "signature": signature, "world_size": world_size,
             "zero_stage": int(tc.zero_stage), "config_hash": cfg_hash,

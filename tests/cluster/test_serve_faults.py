@@ -50,7 +50,9 @@ def serving_head(tmp_path):
         yield head, url
     finally:
         if proc is not None:
-            stop_tree(proc)
+            # Nothing here needs the app's clean shutdown (the head goes next): the default 30 s of grace was all
+            # spent waiting for it.
+            stop_tree(proc, grace_s=3)
         head.stop()
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from stages.data import demo_data as dd
-from stages.evaluate.prompt_following import (CHANCE, PromptSpec, heldout_specs, labelled_grid, read_image, score,
+from stages.evaluate.prompt_following import (CHANCE, DARK_BACKGROUNDS, LIGHT_BACKGROUNDS, PromptSpec, Reading,
+                                              heldout_specs, labelled_grid, lightness_auc, read_image, score,
                                               spec_from_caption, spec_from_params)
 
 
@@ -25,6 +28,7 @@ def test_reader_reads_real_demo_images_at_training_size():
     assert result["object_color_accuracy"] == 1.0
     assert result["background_accuracy"] == 1.0
     assert result["position_accuracy"] >= 0.98
+    assert result["background_lightness_auc"] == 1.0
     assert result["num_images"] == 120
 
 
@@ -71,6 +75,21 @@ def test_score_against_wrong_prompts_is_near_chance():
     result = score(readings, shuffled)
     for name in ("object_color", "background", "position"):
         assert result[f"{name}_accuracy"] < CHANCE[name] + 0.15
+    assert abs(result["background_lightness_auc"] - 0.5) < 0.15
+
+
+def test_lightness_auc_counts_light_over_dark_pairs_and_ties_half():
+    spec = PromptSpec("red", "circle", "white", "plain", "top", "left")
+
+    def pair(background: str, lightness: float):
+        return Reading(background, None, None, None, 0.0, lightness), replace(spec, background=background)
+
+    # light prompts drawn at 200 and 90; dark ones at 100 and 90: 200 beats both, 90 loses one and ties one
+    pairs = [pair("white", 200.0), pair("beige", 90.0), pair("black", 100.0), pair("blue", 90.0),
+             pair("gray", 0.0)]  # gray is neither light nor dark
+    assert lightness_auc(pairs) == pytest.approx((2 + 0 + 0.5) / 4)
+    assert lightness_auc(pairs[:2]) is None  # no dark prompt
+    assert set(LIGHT_BACKGROUNDS) == {"white", "beige"} and set(DARK_BACKGROUNDS) == {"black", "blue", "brown"}
 
 
 def test_score_refuses_mismatched_lengths():

@@ -112,3 +112,35 @@ def test_a_chain_refuses_an_override_no_step_has(tmp_path):
         with pytest.raises(ValueError, match=r"no step of the chain has a key for \['demo.num_imagez=3'\]"):
             execute("demo", cfg, overrides=[*overrides[:2], overrides[3], "demo.num_imagez=3"])
     assert not os.path.exists(os.path.join(root, "workflow", "demo", "demo_data.json"))
+
+
+def test_learning_check_goals_name_each_miss_and_refuse_unknown_scores():
+    import pytest
+
+    from pipeline.workflow import check_goals
+
+    scores = {"background_accuracy": 0.5, "background_chance": 1 / 6, "background_lightness_auc": 0.7,
+              "background_lightness_chance": 0.5, "object_color_accuracy": 0.2}
+    verdict = check_goals(scores, {"background_accuracy": 0.3, "background_lightness_auc": 0.9})
+    assert not verdict["passed"]
+    assert verdict["checks"]["background_accuracy"] == {"value": 0.5, "goal": 0.3, "chance": 1 / 6, "met": True}
+    assert verdict["checks"]["background_lightness_auc"]["met"] is False
+    assert check_goals(scores, {"background_accuracy": 0.5})["passed"]  # the goal itself is met
+    assert not check_goals({**scores, "background_lightness_auc": None}, {"background_lightness_auc": 0.5})["passed"]
+    with pytest.raises(KeyError, match="learning_check.goals.fid"):
+        check_goals(scores, {"fid": 1.0})
+
+
+def test_the_learning_check_writes_under_its_own_root(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = os.path.join(CONF, "..", "run.py")
+    printed = subprocess.run([sys.executable, run, "stage=learning_check", "--cfg", "job", "--resolve"], check=True,
+                             capture_output=True, text=True, env={**os.environ, "SDXL_ROOT": str(tmp_path)}).stdout
+    cfg = yaml.safe_load(printed)
+    assert cfg["paths"]["root"] == f"{tmp_path}/learning_check"  # never the demo's runs
+    assert cfg["workflow"]["chain"][-1] == "evaluate"
+    assert set(cfg["learning_check"]["goals"]) == {"background_lightness_auc"}

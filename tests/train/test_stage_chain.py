@@ -65,16 +65,22 @@ def test_every_stage_logs_params_metrics_grid_and_a_model_version(chain):
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     experiment = client.get_experiment_by_name("sdxl")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    threads = {}
     for stage in TRAINING:
         run = runs[stage]
         assert run.info.status == "FINISHED", stage
         assert run.data.params["train.max_steps"] == "2"
+        # A worker runs as many torch threads as CPUs it reserved (the demo gives its steps both cores), whatever
+        # OMP_NUM_THREADS the driver has: the suite's 1 made them single-threaded.
+        threads[stage] = int(run.data.tags["train.torch_threads"])
+        assert threads[stage] == int(float(run.data.params["cluster.cpus_per_worker"])), stage
         assert "loss" in run.data.metrics and "lr" in run.data.metrics, stage
         assert "eval_fid" in run.data.metrics, f"{stage}: no in-training evaluation logged"
         samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
         assert samples, f"{stage}: no sample grid logged"
         checkpoints = [n for n in os.listdir(os.path.join(root, "runs", stage)) if n.startswith("checkpoint_")]
         assert checkpoints, f"{stage}: no checkpoint"
+    assert threads["pretrain256"] == 2 and os.environ.get("OMP_NUM_THREADS") == "1", threads
     versions = {name: client.search_model_versions(f"name='{name}'") for name in ("base", "refiner", "vae")}
     assert len(versions["vae"]) == 1 and len(versions["refiner"]) == 1
     assert len(versions["base"]) == 4  # pretrain256, pretrain512, finetune_aspect, finetune_quality
