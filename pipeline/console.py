@@ -102,7 +102,8 @@ def _label(path: tuple[str, ...]) -> str:
 
 
 def _is_accuracy(leaf: str) -> bool:
-    return "accuracy" in leaf or leaf == "acc"
+    """An accuracy-like score shown with its chance level (an AUC's is 0.5)."""
+    return "accuracy" in leaf or leaf == "acc" or leaf.endswith("_auc")
 
 
 def _is_metric(leaf: str) -> bool:
@@ -111,7 +112,7 @@ def _is_metric(leaf: str) -> bool:
 
 def _chance_of(path: tuple[str, ...], numbers: dict[tuple[str, ...], float]) -> tuple[str, ...] | None:
     """The key holding the chance level of an accuracy: the same path with accuracy → chance."""
-    for old, new in (("accuracy", "chance"), ("acc", "chance")):
+    for old, new in (("accuracy", "chance"), ("acc", "chance"), ("_auc", "_chance")):
         if old in path[-1]:
             candidate = (*path[:-1], path[-1].replace(old, new))
             if candidate in numbers:

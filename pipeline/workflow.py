@@ -205,7 +205,11 @@ def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
     scores = marker["result"]["prompt_following"]
     goals = OmegaConf.to_container(cfg.learning_check.goals, resolve=True)
     verdict = check_goals(scores, goals)
-    result["learning_check"] = verdict
+    # Each held score beside its chance level and goal, flat, as the CLI's summary shows scores.
+    result["learning_check"] = {"passed": verdict["passed"],
+                                "goals": ", ".join(f"{name} >= {goal}" for name, goal in goals.items()),
+                                **{name: c["value"] for name, c in verdict["checks"].items()},
+                                **{_chance_key(name): c["chance"] for name, c in verdict["checks"].items()}}
     log.info("learning check: %s", "; ".join(f"{name} {_number(c['value'])} (goal >= {c['goal']}, chance "
                                               f"{_number(c['chance'])})" for name, c in verdict["checks"].items()))
     if not verdict["passed"]:
@@ -214,6 +218,10 @@ def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
         raise LearningCheckFailed(f"the short training run did not learn the demo data: {', '.join(missed)} "
                                   f"(grid: {scores.get('grid')})")
     return result
+
+
+def _chance_key(score: str) -> str:
+    return score.replace("_accuracy", "_chance").replace("_auc", "_chance")
 
 
 def _number(value) -> str:
@@ -229,7 +237,7 @@ def check_goals(scores: dict, goals: dict) -> dict:
             raise KeyError(f"learning_check.goals.{name}: the evaluation has no such score "
                            f"(it has {sorted(k for k in scores if k.endswith(('_accuracy', '_auc')))})")
         value = scores[name]
-        chance = scores.get(name.replace("_accuracy", "_chance").replace("_auc", "_chance"))
+        chance = scores.get(_chance_key(name))
         checks[name] = {"value": value, "goal": float(goal), "chance": chance,
                         "met": value is not None and float(value) >= float(goal)}
     return {"passed": all(c["met"] for c in checks.values()), "checks": checks}

@@ -55,6 +55,10 @@ def test_metrics_are_found_wherever_a_stage_puts_them():
     assert metrics["fid (cfg 1.5/5)"] == "312/298"
     assert metrics["clip_score (cfg 1.5/5)"] == "20.1/21"
     assert "fid" not in metrics
+    # An AUC is shown beside its chance level too.
+    auc = console.headline({"learning_check": {"passed": True, "background_lightness_auc": 0.966,
+                                               "background_lightness_chance": 0.5}})
+    assert auc.metrics == [("background_lightness_auc", "0.966 (chance 0.5)")]
     paths = [path for _, path in head.paths]
     assert paths[0] == "/r/runs/evaluate/ema"
     assert "/r/runs/evaluate/ema/fid_vs_clip.png" in paths and "/r/runs/evaluate/ema/results.md" not in paths

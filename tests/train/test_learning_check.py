@@ -25,7 +25,8 @@ def test_a_short_run_through_the_real_stages_learns_the_demo_data(tmp_path, ray_
         result = execute("learning_check", cfg, overrides=overrides)  # raises LearningCheckFailed below a goal
 
     verdict = result["learning_check"]
-    assert verdict["passed"], verdict
+    assert verdict["passed"] and verdict["goals"] == "background_lightness_auc >= 0.85", verdict
+    assert verdict["background_lightness_chance"] == 0.5
     score = result["stages"]["evaluate"]["prompt_following"]
     assert score["source"].startswith("diffusers StableDiffusionXLPipeline")  # the export, as a user loads it
     assert score["num_images"] == 63
