@@ -199,6 +199,8 @@ class LearningCheckFailed(RuntimeError):
 def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
     """The `learning_check` chain, then its exported base's prompt-following scores held to `learning_check.goals`
     (pipeline/conf/stage/learning_check.yaml). Raises :class:`LearningCheckFailed` naming each missed goal."""
+    from stages.evaluate.prompt_following import chance_key  # late, as the registry imports stages: CLI start-up
+
     result = run_chain(cfg, ctx, "learning_check")
     # The evaluate step's scores, also when a re-run skipped it: its completion marker keeps its result.
     marker = storage.read_json(storage.join(ctx.root, "workflow", "learning_check", "evaluate.json"))
@@ -209,7 +211,7 @@ def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
     result["learning_check"] = {"passed": verdict["passed"],
                                 "goals": ", ".join(f"{name} >= {goal}" for name, goal in goals.items()),
                                 **{name: c["value"] for name, c in verdict["checks"].items()},
-                                **{_chance_key(name): c["chance"] for name, c in verdict["checks"].items()}}
+                                **{chance_key(name): c["chance"] for name, c in verdict["checks"].items()}}
     log.info("learning check: %s", "; ".join(f"{name} {_number(c['value'])} (goal >= {c['goal']}, chance "
                                               f"{_number(c['chance'])})" for name, c in verdict["checks"].items()))
     if not verdict["passed"]:
@@ -220,10 +222,6 @@ def run_learning_check(cfg: DictConfig, ctx: StageContext) -> dict:
     return result
 
 
-def _chance_key(score: str) -> str:
-    return score.replace("_accuracy", "_chance").replace("_auc", "_chance")
-
-
 def _number(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
@@ -231,13 +229,15 @@ def _number(value) -> str:
 def check_goals(scores: dict, goals: dict) -> dict:
     """Each goal's score, chance level and whether it is met; ``passed`` when all are. A goal naming a score the
     evaluation does not produce is a config error."""
+    from stages.evaluate.prompt_following import chance_key
+
     checks = {}
     for name, goal in goals.items():
         if name not in scores:
             raise KeyError(f"learning_check.goals.{name}: the evaluation has no such score "
                            f"(it has {sorted(k for k in scores if k.endswith(('_accuracy', '_auc')))})")
         value = scores[name]
-        chance = scores.get(_chance_key(name))
+        chance = scores.get(chance_key(name))
         checks[name] = {"value": value, "goal": float(goal), "chance": chance,
                         "met": value is not None and float(value) >= float(goal)}
     return {"passed": all(c["met"] for c in checks.values()), "checks": checks}

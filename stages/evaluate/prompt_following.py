@@ -131,6 +131,12 @@ def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
             "background_lightness_auc": lightness_auc(pairs), "background_lightness_chance": 0.5}
 
 
+def chance_key(score_name: str) -> str:
+    """The key of a score's chance level in :func:`score`'s result: background_accuracy → background_chance,
+    background_lightness_auc → background_lightness_chance."""
+    return score_name.replace("_accuracy", "_chance").replace("_auc", "_chance")
+
+
 def lightness_auc(pairs: list[tuple[Reading, PromptSpec]]) -> float | None:
     """Over every (light-prompted, dark-prompted) pair of images, the share where the light one's border is brighter
     (ties count half): the Mann-Whitney AUC. None without both kinds of prompt."""
