@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 
 # Set before Ray starts so that every worker inherits them: no usage reports, no hub downloads by accident in tests.
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Ray Train's controller polls its workers this often (Ray's default: 2 s). Each poll it waits out adds to a run's
+# start and end: measured here, a 2-step run took 17.9 s at 2 s and 13.1 s at 0.25 s.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ def _connect(ray, ray_cfg, long_stage: bool) -> RaySession:
         context = ray.init(address=address)
         return RaySession("joined", _url(getattr(context, "dashboard_url", None)))
     dashboard = want_dashboard(ray_cfg.get("include_dashboard", "auto"), long_stage)
+    poll = ray_cfg.get("train_poll_interval_s")
+    if poll is not None:  # an explicit environment variable wins; the embedded Ray's workers inherit this one
+        os.environ.setdefault(TRAIN_POLL_ENV, str(float(poll)))
     log.info("starting an embedded local Ray%s", " with its dashboard" if dashboard else "")
     try:
         context = _start_embedded(ray, ray_cfg, dashboard)

@@ -3,6 +3,7 @@ trimmed to one progress line per dataset, and the dashboard that falls back with
 
 import io
 import logging
+import os
 
 import pytest
 from hydra.errors import MissingConfigException, OverrideParseException
@@ -181,6 +182,19 @@ def test_dashboard_starts_for_long_stages_and_falls_back_in_one_line(caplog):
                         "starting it without the dashboard"]
     with pytest.raises(ValueError, match="auto, true or false"):
         ray_env.want_dashboard("sometimes", True)
+
+
+def test_embedded_ray_polls_training_workers_as_configured_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv(ray_env.TRAIN_POLL_ENV, raising=False)
+    ray_env._connect(_FakeRay(None), {"include_dashboard": False, "train_poll_interval_s": 0.25}, long_stage=True)
+    assert os.environ[ray_env.TRAIN_POLL_ENV] == "0.25"  # set before ray.init, so the controller inherits it
+    monkeypatch.setenv(ray_env.TRAIN_POLL_ENV, "1.5")
+    ray_env._connect(_FakeRay(None), {"include_dashboard": False, "train_poll_interval_s": 0.25}, long_stage=True)
+    assert os.environ[ray_env.TRAIN_POLL_ENV] == "1.5"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # joining a cluster leaves its setting alone
+    monkeypatch.delenv(ray_env.TRAIN_POLL_ENV)
+    ray_env._connect(_FakeRay(None), {"train_poll_interval_s": 0.25}, long_stage=True)
+    assert ray_env.TRAIN_POLL_ENV not in os.environ
 
 
 def test_ray_data_is_set_to_one_bar_per_dataset_with_its_details_in_the_run_log(tmp_path):
