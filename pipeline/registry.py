@@ -91,6 +91,9 @@ _SPECS = [
     StageSpec("learning_check", "pipeline.workflow:run_learning_check",
               "a few-minute chain that trains the tiny base on demo data and fails unless it follows its prompts",
               **_LONG),
+    StageSpec("paper_effects", "pipeline.workflow:run_paper_effects",
+              "the models experiments/paper_effects.py measures: bases with / without size conditioning, without "
+              "small images, and a refiner", **_LONG),
 ]
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in _SPECS}
 

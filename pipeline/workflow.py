@@ -192,6 +192,11 @@ def run_demo(cfg: DictConfig, ctx: StageContext) -> dict:
     return run_chain(cfg, ctx, "demo")
 
 
+def run_paper_effects(cfg: DictConfig, ctx: StageContext) -> dict:
+    """The models that experiments/paper_effects.py measures (pipeline/conf/stage/paper_effects.yaml)."""
+    return run_chain(cfg, ctx, "paper_effects")
+
+
 class LearningCheckFailed(RuntimeError):
     """The short chain trained, but its model scores below a goal of `learning_check.goals`."""
 

@@ -57,7 +57,11 @@ MIN_COLOR_DISTANCE = 80.0
 # in whole latent cells (8×8 px each), not only in cells it shares with the background.
 OBJECT_SIZE_RANGE = (0.3, 0.55)
 CELL_MARGIN = 1 / 24  # an object centre keeps this far (fraction of the side) from the 3×3 cell borders
-SMALL_SIDE = 256  # the paper's threshold (Fig. 2)
+SMALL_SIDE = 256  # the paper's threshold (Fig. 2); `small_side` scales it for toy resolutions
+PLACEMENTS = ("cells", "central")
+# placement=central: the object's centre is drawn around the image centre with this standard deviation (a fraction
+# of the side), as photographers frame a subject; Alg. 1 crops then cut or shift it (Fig. 5).
+CENTRAL_SPREAD = 0.08
 MIN_ASPECT, MAX_ASPECT = 0.25, 4.0
 # Aspect ratios (h/w) as photo collections have them: mostly square and the camera formats, with a log-uniform tail
 # over the whole App. I range so every bucket is exercised. (An all-log-uniform mix made most square training crops
@@ -96,9 +100,10 @@ def caption_for(params: dict) -> str:
             f"on a {background}{style} background")
 
 
-def _sample_size(rng: np.random.Generator, small: bool, min_side: int, max_side: int) -> tuple[int, int, float]:
+def _sample_size(rng: np.random.Generator, small: bool, min_side: int, max_side: int,
+                 small_side: int = SMALL_SIDE) -> tuple[int, int, float]:
     """(height, width, aspect): aspect = h/w from ``PHOTO_ASPECTS`` or, for ``ASPECT_TAIL_SHARE`` of the images,
-    log-uniform in [0.25, 4]; small → shorter side below 256 px."""
+    log-uniform in [0.25, 4]; small → shorter side below ``small_side`` px."""
     if rng.random() < ASPECT_TAIL_SHARE:
         aspect = math.exp(rng.uniform(math.log(MIN_ASPECT), math.log(MAX_ASPECT)))
     else:
@@ -106,24 +111,27 @@ def _sample_size(rng: np.random.Generator, small: bool, min_side: int, max_side:
         aspect = float(rng.choice(list(PHOTO_ASPECTS), p=weights / weights.sum()))
     long_over_short = max(aspect, 1 / aspect)
     if small:
-        short = int(rng.integers(min_side, SMALL_SIDE))
+        short = int(rng.integers(min_side, small_side))
         long = min(int(round(short * long_over_short)), max_side)
     else:
-        # A large image keeps its shorter side ≥ 256 within max_side, which caps its aspect at max_side / 256.
-        long_over_short = min(long_over_short, max_side / SMALL_SIDE)
-        long_lo = int(math.ceil(SMALL_SIDE * long_over_short))
+        # A large image keeps its shorter side ≥ small_side within max_side, which caps its aspect there.
+        long_over_short = min(long_over_short, max_side / small_side)
+        long_lo = int(math.ceil(small_side * long_over_short))
         long = int(rng.integers(long_lo, max_side + 1))
-        short = max(SMALL_SIDE, int(long / long_over_short))
+        short = max(small_side, int(long / long_over_short))
         long = max(long, short)
     h, w = (long, short) if aspect >= 1 else (short, long)
     return h, w, h / w
 
 
 def sample_params(rng: np.random.Generator, index: int, seed: int, *, max_side: int = 1024, min_side: int = 64,
-                  small_share: float = 0.4, jpeg_share: float = 0.5, render_scale: int = 4) -> dict:
-    """All generator parameters of one image, drawn from ``rng`` only (pure: no I/O, no global state)."""
+                  small_share: float = 0.4, jpeg_share: float = 0.5, render_scale: int = 4,
+                  small_side: int = SMALL_SIDE, placement: str = "cells") -> dict:
+    """All generator parameters of one image, drawn from ``rng`` only (pure: no I/O, no global state).
+    ``placement``: ``cells`` = the object's centre uniform over the 3×3 cells (balanced positions for the
+    prompt-following score); ``central`` = around the image centre, as in photos (crop-conditioning experiments)."""
     small = bool(rng.random() < small_share)
-    h, w, aspect = _sample_size(rng, small, min_side, max_side)
+    h, w, aspect = _sample_size(rng, small, min_side, max_side, small_side)
     shape = str(rng.choice(SHAPES))
     color = str(rng.choice(list(OBJECT_COLORS)))
     background = str(rng.choice(list(BACKGROUND_COLORS)))
@@ -133,8 +141,9 @@ def sample_params(rng: np.random.Generator, index: int, seed: int, *, max_side: 
     size = float(rng.uniform(OBJECT_SIZE_RANGE[0], OBJECT_SIZE_RANGE[1]))
     half_x = size * min(h, w) / (2 * w)
     half_y = size * min(h, w) / (2 * h)
-    cx = _sample_centre(rng, half_x)
-    cy = _sample_centre(rng, half_y)
+    centre = _sample_centre if placement == "cells" else _sample_central
+    cx = centre(rng, half_x)
+    cy = centre(rng, half_y)
     return {
         "index": index, "seed": seed, "shape": shape,
         "color": color, "color_rgb": list(OBJECT_COLORS[color]),
@@ -157,6 +166,11 @@ def _sample_centre(rng: np.random.Generator, half: float) -> float:
     if lo > hi:  # a large object in a narrow image: fits only without the margin
         lo, hi = max(third / 3, half), min((third + 1) / 3, 1 - half)
     return float(rng.uniform(lo, hi))
+
+
+def _sample_central(rng: np.random.Generator, half: float) -> float:
+    """A centre coordinate near the middle (normal, sd ``CENTRAL_SPREAD``), clipped so the object stays inside."""
+    return float(np.clip(rng.normal(0.5, CENTRAL_SPREAD), half, 1 - half)) if half < 0.5 else 0.5
 
 
 def _background(h: int, w: int, params: dict) -> Image.Image:
@@ -233,39 +247,43 @@ def key_for(index: int, folder_size: int) -> str:
 
 def generate_demo_dataset(out_dir: str, n: int = 2000, seed: int = 0, *, max_side: int = 1024, min_side: int = 64,
                           small_share: float = 0.4, jpeg_share: float = 0.5, render_scale: int = 4,
-                          folder_size: int = 500) -> dict:
+                          folder_size: int = 500, small_side: int = SMALL_SIDE, placement: str = "cells") -> dict:
     """Write ``n`` images with captions and parameters under ``out_dir`` (local path or URI); same seed → same bytes.
 
-    Returns a summary: counts, the share with the shorter side below 256 px, the formats, and the time taken.
+    Returns a summary: counts, the share with the shorter side below ``small_side`` px, the formats, and the time.
     """
     _check_args(n=n, max_side=max_side, min_side=min_side, small_share=small_share, jpeg_share=jpeg_share,
-                render_scale=render_scale, folder_size=folder_size)
+                render_scale=render_scale, folder_size=folder_size, small_side=small_side, placement=placement)
     start = time.perf_counter()
     num_small = num_jpeg = 0
     for index in range(n):
         # One generator per image, seeded by (seed, index): an image does not depend on n or on the other images.
         rng = np.random.default_rng([seed, index])
         params = sample_params(rng, index, seed, max_side=max_side, min_side=min_side, small_share=small_share,
-                               jpeg_share=jpeg_share, render_scale=render_scale)
+                               jpeg_share=jpeg_share, render_scale=render_scale, small_side=small_side,
+                               placement=placement)
         stem = storage.join(out_dir, *key_for(index, folder_size).split("/"))
         ext = ".jpg" if params["format"] == "JPEG" else ".png"
         storage.write_bytes_atomic(stem + ext, encode(render(params), params["format"]))
         storage.write_bytes_atomic(stem + ".txt", caption_for(params).encode("utf-8"))
         storage.write_bytes_atomic(stem + ".json", json.dumps(params, sort_keys=True).encode("utf-8"))
-        num_small += min(params["orig_h"], params["orig_w"]) < SMALL_SIDE
+        num_small += min(params["orig_h"], params["orig_w"]) < small_side
         num_jpeg += params["format"] == "JPEG"
     return {"out_dir": str(out_dir), "num_images": n, "num_small": int(num_small),
             "share_small": num_small / n if n else 0.0, "num_jpeg": int(num_jpeg), "num_png": int(n - num_jpeg),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _check_args(*, n, max_side, min_side, small_share, jpeg_share, render_scale, folder_size) -> None:
+def _check_args(*, n, max_side, min_side, small_share, jpeg_share, render_scale, folder_size,
+                small_side=SMALL_SIDE, placement="cells") -> None:
     if n < 0:
         raise ValueError(f"n (demo.num_images) must be >= 0, got {n}")
-    if not 8 <= min_side < SMALL_SIDE:
-        raise ValueError(f"min_side must be in [8, {SMALL_SIDE}), got {min_side}")
-    if max_side < SMALL_SIDE:
-        raise ValueError(f"max_side must be >= {SMALL_SIDE}, got {max_side}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"demo.placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    if not 8 <= min_side < small_side:
+        raise ValueError(f"min_side must be in [8, small_side={small_side}), got {min_side}")
+    if max_side < small_side:
+        raise ValueError(f"max_side must be >= small_side={small_side}, got {max_side}")
     for name, value in (("small_share", small_share), ("jpeg_share", jpeg_share)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -277,7 +295,8 @@ def _generator_args(demo_cfg) -> dict:
     return {"n": int(demo_cfg.num_images), "seed": int(demo_cfg.seed), "max_side": int(demo_cfg.max_side),
             "min_side": int(demo_cfg.min_side), "small_share": float(demo_cfg.small_share),
             "jpeg_share": float(demo_cfg.jpeg_share), "render_scale": int(demo_cfg.render_scale),
-            "folder_size": int(demo_cfg.folder_size)}
+            "folder_size": int(demo_cfg.folder_size), "small_side": int(demo_cfg.get("small_side", SMALL_SIDE)),
+            "placement": str(demo_cfg.get("placement", "cells"))}
 
 
 def run(cfg, ctx) -> dict:

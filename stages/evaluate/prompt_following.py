@@ -87,12 +87,9 @@ def _distance_to_shades(pixels: np.ndarray, shades: np.ndarray) -> np.ndarray:
     return dist.reshape(shades.shape[:-2] + (pixels.shape[0],))
 
 
-def read_image(image) -> Reading:
-    """Read background colour, object colour and position cell from an RGB image (PIL image or uint8 [H, W, 3])."""
-    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)[..., :3]
-    if pixels.ndim != 3 or min(pixels.shape[:2]) <= 2 * BORDER_PX:
-        raise ValueError(f"expected an RGB image larger than {2 * BORDER_PX} px a side, got shape {pixels.shape}")
-    h, w = pixels.shape[:2]
+def _background_and_object(pixels: np.ndarray) -> tuple[int, float, np.ndarray]:
+    """(index of the background colour voted by the border, the border's mean luma, flat mask of the pixels that
+    are not that background: the object, whatever its colour)."""
     border = np.concatenate([pixels[:BORDER_PX].reshape(-1, 3), pixels[-BORDER_PX:].reshape(-1, 3),
                              pixels[:, :BORDER_PX].reshape(-1, 3), pixels[:, -BORDER_PX:].reshape(-1, 3)])
     votes = np.bincount(_distance_to_shades(border, _BG_SHADES).argmin(0), minlength=len(_BG_NAMES))
@@ -100,6 +97,28 @@ def read_image(image) -> Reading:
     lightness = float((border @ _LUMA).mean())
     flat = pixels.reshape(-1, 3)
     off_background = _distance_to_shades(flat, _BG_SHADES[background][None])[0] > MIN_COLOR_DISTANCE / 2
+    return background, lightness, off_background
+
+
+def object_mask(image) -> np.ndarray | None:
+    """H×W mask of the object of a demo-style image: every pixel away from its background's shades, whatever the
+    object's colour (so it measures where an object was drawn even when its colour is wrong); None when there is
+    less than ``MIN_OBJECT_SHARE`` of such pixels."""
+    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)[..., :3]
+    _, _, off_background = _background_and_object(pixels)
+    if off_background.mean() < MIN_OBJECT_SHARE:
+        return None
+    return off_background.reshape(pixels.shape[:2])
+
+
+def read_image(image) -> Reading:
+    """Read background colour, object colour and position cell from an RGB image (PIL image or uint8 [H, W, 3])."""
+    pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)[..., :3]
+    if pixels.ndim != 3 or min(pixels.shape[:2]) <= 2 * BORDER_PX:
+        raise ValueError(f"expected an RGB image larger than {2 * BORDER_PX} px a side, got shape {pixels.shape}")
+    h, w = pixels.shape[:2]
+    background, lightness, off_background = _background_and_object(pixels)
+    flat = pixels.reshape(-1, 3)
     share = float(off_background.mean())
     if share < MIN_OBJECT_SHARE:
         return Reading(_BG_NAMES[background], None, None, None, share, lightness)

@@ -69,6 +69,7 @@ class DiffusionTask(TrainTask):
         self.snr_gamma = check_snr_gamma(task_option(cfg, "snr_gamma"))  # fails at start-up, not at the first step
         self.ucg_rate = float(task_option(cfg, "ucg_rate"))
         self.ucg_joint = bool(task_option(cfg, "ucg_joint"))
+        self.size_conditioning = bool(task_option(cfg, "size_conditioning"))
         self.cached = bool(cfg.loader.get("cached", False))
         self.init_path = resolve_init_from(cfg)  # fails early, naming the path, when the parent is missing
         self.device = torch.device("cpu")
@@ -106,10 +107,15 @@ class DiffusionTask(TrainTask):
             parameters = encode_posterior(self.frozen.vae, batch["pixels"])
         return sample_posterior(parameters, vae_scaling_factor(self.frozen.vae), generator)
 
+    def _c_size(self, batch: dict):
+        """c_size (Sec. 2.2): the original's size, or with ``train.size_conditioning=false`` the crop's own size,
+        a constant that tells the model nothing about the original."""
+        return batch["original_size"] if self.size_conditioning else batch["target_size"]
+
     def _time_ids(self, batch: dict, size: int) -> torch.Tensor:
         if self.kind == "base":
-            return base_time_ids(batch["original_size"], batch["crop_coords"], batch["target_size"], size, self.device)
-        return refiner_time_ids(batch["original_size"], batch["crop_coords"], batch["aesthetic_score"], size,
+            return base_time_ids(self._c_size(batch), batch["crop_coords"], batch["target_size"], size, self.device)
+        return refiner_time_ids(self._c_size(batch), batch["crop_coords"], batch["aesthetic_score"], size,
                                 self.device)
 
     def _conditioning(self, batch: dict, generator) -> Conditioning:
@@ -117,7 +123,7 @@ class DiffusionTask(TrainTask):
             kwargs = ({"target_size": batch["target_size"]} if self.kind == "base"
                       else {"aesthetic_score": batch["aesthetic_score"]})
             return self.frozen.conditioner.encode_for_training(
-                list(batch["captions"]), batch["original_size"], batch["crop_coords"], ucg_rate=self.ucg_rate,
+                list(batch["captions"]), self._c_size(batch), batch["crop_coords"], ucg_rate=self.ucg_rate,
                 generator=generator, ucg_joint=self.ucg_joint, **kwargs)
         # Cached embeddings are the base's CLIP-L ‖ bigG context; the refiner uses the bigG part only.
         context, pooled = batch["context"].to(self.device), batch["pooled"].to(self.device)

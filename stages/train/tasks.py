@@ -37,6 +37,7 @@ TASK_DEFAULTS = {
     "offset_noise": 0.0,
     "snr_gamma": None,  # Min-SNR-γ loss weighting (e.g. 5.0); null = uniform, as SDXL trains
     "t_range": [0, 1000],
+    "size_conditioning": True,  # false: c_size is the training crop's size (the paper's no-size-conditioning ablation)
     "frozen_dtype": "float32",  # text encoders' dtype (the VAE always runs in float32)
 }
 

@@ -52,6 +52,23 @@ def test_share_below_256_and_aspect_coverage():
     assert formats == {"PNG", "JPEG"}
 
 
+def test_central_placement_at_toy_sizes_for_the_paper_effects():
+    """placement=central puts the object around the image centre (as photos frame a subject), and small_side scales
+    the share of small, upscaled-looking originals down to a toy training size."""
+    params = _params(1000, max_side=128, min_side=8, small_side=32, placement="central")
+    short = np.array([min(p["orig_h"], p["orig_w"]) for p in params])
+    assert 0.35 <= (short < 32).mean() <= 0.45 and short.min() >= 8
+    assert max(max(p["orig_h"], p["orig_w"]) for p in params) <= 128
+    assert all(p["rendered_large"] == (m < 32) for p, m in zip(params, short))
+    for axis in ("cx", "cy"):
+        centres = np.array([p[axis] for p in params])
+        assert abs(centres.mean() - 0.5) < 0.01 and 0.06 < centres.std() < 0.1
+    x0, y0, x1, y1 = np.array([p["bbox"] for p in params]).T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 1).all() and (y1 <= 1).all()
+    cells = _params(1000, max_side=128, min_side=8, small_side=32)  # the default spreads objects over the cells
+    assert np.array([p["cx"] for p in cells]).std() > 0.2
+
+
 def test_colour_sets_are_disjoint_and_far_apart():
     assert not set(dd.OBJECT_COLORS) & set(dd.BACKGROUND_COLORS)
     for obj in dd.OBJECT_COLORS.values():
@@ -129,6 +146,10 @@ def test_bad_arguments_are_named(tmp_path):
         dd.generate_demo_dataset(str(tmp_path), n=1, small_share=1.5)
     with pytest.raises(ValueError, match="max_side"):
         dd.generate_demo_dataset(str(tmp_path), n=1, max_side=100)
+    with pytest.raises(ValueError, match="placement"):
+        dd.generate_demo_dataset(str(tmp_path), n=1, placement="random")
+    with pytest.raises(ValueError, match="min_side"):
+        dd.generate_demo_dataset(str(tmp_path), n=1, min_side=40, small_side=32, max_side=128)
 
 
 def _cfg(out_dir: str, n: int, seed: int = 0):

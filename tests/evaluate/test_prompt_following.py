@@ -10,8 +10,8 @@ from PIL import Image
 
 from stages.data import demo_data as dd
 from stages.evaluate.prompt_following import (CHANCE, DARK_BACKGROUNDS, LIGHT_BACKGROUNDS, PromptSpec, Reading,
-                                              heldout_specs, labelled_grid, lightness_auc, read_image, score,
-                                              spec_from_caption, spec_from_params)
+                                              heldout_specs, labelled_grid, lightness_auc, object_mask, read_image,
+                                              score, spec_from_caption, spec_from_params)
 
 
 def _demo_image(index: int, side: int = 64, seed: int = 11) -> tuple[Image.Image, dict]:
@@ -37,6 +37,21 @@ def test_reader_finds_no_object_on_a_plain_background():
     reading = read_image(image)
     assert reading.background == "beige"
     assert reading.object_color is None and reading.row is None
+
+
+def test_object_mask_finds_the_object_whatever_its_colour():
+    """The object's pixels (the crop-conditioning measure of experiments/paper_effects.py): its centroid is the
+    generator's centre, in whichever colour the object is drawn; a plain background has none."""
+    for i in range(40):
+        image, params = _demo_image(i)
+        ys, xs = np.nonzero(object_mask(image))
+        h, w = image.size[1], image.size[0]
+        if params["shape"] not in ("triangle", "star"):  # their centroid is not their box centre
+            assert abs((xs.mean() + 0.5) / w - params["cx"]) < 0.04 and abs((ys.mean() + 0.5) / h - params["cy"]) < 0.04
+        recoloured = np.asarray(image).copy()
+        recoloured[object_mask(image)] = (90, 200, 90)  # not one of the object colours
+        assert (object_mask(recoloured) == object_mask(image)).mean() > 0.99
+    assert object_mask(Image.new("RGB", (64, 64), dd.BACKGROUND_COLORS["blue"])) is None
 
 
 def test_reader_sees_a_moved_object_in_its_new_cell():

@@ -351,3 +351,22 @@ def test_sample_grid_guides_with_the_trained_unconditional_input(root, monkeypat
     task.setup(torch.device("cpu"))
     task.sample_images(model, step=0)
     assert len(seen) == 1 and torch.count_nonzero(seen[0].context) == 0 and torch.count_nonzero(seen[0].pooled) == 0
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_size_conditioning_off_gives_the_crop_size_as_c_size(cached, cached_root):
+    """The paper's no-size-conditioning ablation: c_size carries the crop's own size, whatever the original was."""
+    extra = [f"loader.cached={str(cached).lower()}"]
+    cfg_on = stage_cfg("pretrain256", cached_root, overrides=extra)
+    cfg_off = stage_cfg("pretrain256", cached_root, overrides=[*extra, "train.size_conditioning=false"])
+    batch = next(make_batch_iterator(cfg_on, 0, 1, 4, 0, 1))
+    assert not torch.equal(torch.as_tensor(batch["original_size"]), torch.as_tensor(batch["target_size"]))
+    ids = {}
+    for name, cfg in (("on", cfg_on), ("off", cfg_off)):
+        task = make_task(cfg)
+        task.setup(torch.device("cpu"))
+        ids[name] = task._conditioning(batch, torch.Generator().manual_seed(0)).time_ids
+    target = torch.as_tensor(batch["target_size"]).float()
+    assert torch.equal(ids["on"][:, :2], torch.as_tensor(batch["original_size"]).float())
+    assert torch.equal(ids["off"][:, :2], target)
+    assert torch.equal(ids["off"][:, 2:], ids["on"][:, 2:])  # crop and target size are kept
