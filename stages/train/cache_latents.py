@@ -184,15 +184,25 @@ class CacheActor:
         return {"written": np.asarray(written, dtype=np.int64)}
 
 
-def _check_or_write_info(cache_dir: str, identity: dict) -> None:
+# The frozen models' identities: a cache that differs only in these was made before they were retrained, and the
+# cache stage re-encodes it (cache.replace_stale_models); any other difference is another cache's settings.
+MODEL_KEYS = frozenset({"vae", "text_encoders"})
+
+
+def _check_or_write_info(cache_dir: str, identity: dict, replace_stale_models: bool = False) -> None:
     info_uri = storage.join(cache_dir, INFO_FILE)
     if storage.is_file(info_uri):
         existing = storage.read_json(info_uri).get("identity", {})
-        if existing != json.loads(json.dumps(identity)):
-            differs = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        if existing == json.loads(json.dumps(identity)):
+            return
+        differs = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+        if not (replace_stale_models and set(differs) <= MODEL_KEYS):
             raise ValueError(f"latent cache {info_uri} was made with other settings ({differs}); set "
                              f"loader.cache_name to a new name or delete {cache_dir}")
-        return
+        # A re-run after train_vae retrained: the old latents describe weights that no longer exist.
+        log.warning("latent cache %s was encoded by other frozen models (%s); encoding it again", cache_dir,
+                    ", ".join(differs))
+        storage.remove(cache_dir)
     storage.write_json_atomic(info_uri, {"identity": identity})
 
 
@@ -208,7 +218,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     cache_dir = latent_cache_dir(cfg)
     identity = cache_identity(cfg)
     plan = plan_cache(cfg)
-    _check_or_write_info(cache_dir, identity)
+    _check_or_write_info(cache_dir, identity, bool(cfg.cache.get("replace_stale_models", True)))
     pending = [it for it in plan if not storage.exists(it["out"])]
     use_gpu = float(settings["num_gpus"]) > 0
     device = "cuda" if use_gpu else "cpu"

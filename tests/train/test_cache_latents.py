@@ -102,7 +102,7 @@ def test_cache_of_other_random_text_encoders_is_refused(root):
         _check_or_write_info(latent_cache_dir(other), cache_identity(other))
 
 
-def test_cache_of_a_retrained_vae_is_refused(root):
+def test_cache_of_a_retrained_vae_is_refused_by_training_and_encoded_again_by_the_cache_stage(root):
     """The VAE's weights are part of the cache's identity: after train_vae re-runs, neither the cache stage nor the
     training stage uses latents of the old weights."""
     from stages.train.stage_entry import check_cache
@@ -122,6 +122,16 @@ def test_cache_of_a_retrained_vae_is_refused(root):
         check_cache(train)
     with pytest.raises(ValueError, match="cache_info.json.*vae"):
         _check_or_write_info(latent_cache_dir(cfg), cache_identity(cfg))
+    # The cache stage itself encodes it again (a chain re-run after train_vae), and training then accepts it.
+    stale = os.path.join(latent_cache_dir(cfg), "stale-marker")
+    open(stale, "w").close()
+    _check_or_write_info(latent_cache_dir(cfg), cache_identity(cfg), replace_stale_models=True)
+    assert not os.path.exists(stale)
+    fill_cache(cfg)
+    check_cache(train)
+    other = stage_cfg("cache_latents", root, overrides=["cache.seed=5"])  # other settings: still refused
+    with pytest.raises(ValueError, match="cache_info.json.*seed"):
+        _check_or_write_info(latent_cache_dir(other), cache_identity(other), replace_stale_models=True)
 
 
 def test_cached_loader_without_cache_names_the_folder(root):
