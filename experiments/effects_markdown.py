@@ -82,10 +82,16 @@ def _crop(r: dict, out_dir: str) -> list[str]:
         f"Spearman ρ(x, position) = {_num(s['rho'])} (p = {_p(s['p'])}, n = {s['n']}); slope "
         f"{_ci(sl, 4)} per px against {_num(c['expected_slope'], 4)} expected. Distance from the centre at x = "
         f"{c['per_offset'][-1]['offset']} minus at (0, 0) square: {_ci(oc)} (Mann-Whitney p = {_p(oc['p'])}). "
-        f"Verdict: {_verdict(s['p'], ok)}.", "",
+        f"Verdict: {_verdict(s['p'], ok)}.", "", _use_line(r["use"]["size_cond"]["crop"], "a mirrored c_crop"), "",
         f"![crop conditioning]({_rel(r['crop']['grid'], out_dir)})", "",
         "Rows: (0, 0) square, then x = " + ", ".join(str(o["offset"]) for o in c["per_offset"]) + "; columns: seeds.",
         ""]
+
+
+def _use_line(u: dict, what: str) -> str:
+    return (f"Does the model use it at all? Training images cropped by Alg. 1 and denoised with {what} instead of "
+            f"their own (same caption and noise, timesteps {u['timesteps']}): the x0 error rises by "
+            f"{100 * u['gain']:+.2f}% (z = {u['z']:.1f}, {u['num_images']} images; z >> 3 means it is used).")
 
 
 def _size(r: dict, out_dir: str) -> list[str]:
@@ -104,6 +110,7 @@ def _size(r: dict, out_dir: str) -> list[str]:
                   f"Spearman ρ(log c_size, Laplacian) = {_num(rho['rho'])} (p = {_p(rho['p'])}); largest − smallest "
                   f"c_size, paired: {_ci(d, 4)} ({_num(d['relative'], 2)} relative, Wilcoxon p = {_p(d['p'])}). "
                   f"Verdict: {_verdict(d['p'], ok)}.", "",
+                  _use_line(r["use"][name]["size"], "a c_size from the other side of 32 px (small ↔ large)"), "",
                   f"![size conditioning, {name}]({_rel(s['grids'][name], out_dir)})", ""]
     real = s["real"]
     lines += [f"The data itself (600 training images, centre crop at 32 px): Laplacian variance "
@@ -165,6 +172,8 @@ def summary_lines(r: dict) -> str:
         f"{_p(r['size']['no_size_cond']['largest_vs_smallest']['p'])}",
         "table 2: " + "; ".join(f"{name} background {_ci(m['background_accuracy'], 2)} gap "
                                 f"{_ci(m['sharpness_gap'], 4)}" for name, m in r["table2"]["summary"].items()),
+        "use: " + "; ".join(f"{n} {k} {100 * u[k]['gain']:+.2f}% z {u[k]['z']:.1f}" for n, u in r["use"].items()
+                            for k in ("crop", "size")),
         f"refiner: Laplacian {_ci(r['refiner']['summary']['laplacian_variance'], 4)} p "
         f"{_p(r['refiner']['summary']['laplacian_variance']['p'])}",
         f"wall {r['seconds']['total']:.0f} s (training {r['seconds']['training']:.0f} s)"])

@@ -43,6 +43,7 @@ class EffectModels:
     sampler: str = SAMPLER
     real_images: list = field(default_factory=list)  # training images (PIL), for the data's own sharpness
     real_sizes: list = field(default_factory=list)  # their original (h, w)
+    real_captions: list = field(default_factory=list)
     training_summary: dict = field(default_factory=dict)
 
 
@@ -114,17 +115,20 @@ def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: f
     frozen = build_frozen_parts(configs["size_cond"], "base", device)
     frozen.conditioner.force_zeros_for_empty_prompt = True  # what the base trained with (SPEC)
     refiner_text = build_frozen_parts(configs["refiner"], "refiner", device).conditioner
-    real, sizes = _training_images(demo_dir, limit=600)
+    real, sizes, captions = _training_images(demo_dir, limit=600)
     return EffectModels(bases=bases, refiner=refiner.eval().requires_grad_(False), vae=frozen.vae,
                         vae_scale=vae_scaling_factor(frozen.vae), conditioner=frozen.conditioner,
                         refiner_conditioner=refiner_text, resolution=resolution, sample_steps=sample_steps,
-                        guidance_scale=guidance_scale, real_images=real, real_sizes=sizes,
+                        guidance_scale=guidance_scale, real_images=real, real_sizes=sizes, real_captions=captions,
                         training_summary=training_summary(root))
 
 
-def _training_images(folder: str, limit: int) -> tuple[list, list]:
-    """Up to ``limit`` of the generated training images with their original sizes (from the generator's JSON)."""
-    images, sizes = [], []
+def _training_images(folder: str, limit: int) -> tuple[list, list, list]:
+    """Up to ``limit`` of the generated training images with their original sizes and captions (from the
+    generator's JSON)."""
+    from stages.data.demo_data import caption_for
+
+    images, sizes, captions = [], [], []
     for meta in sorted(glob.glob(os.path.join(folder, "*", "*.json")))[:limit]:
         stem = meta[:-5]
         path = next((stem + ext for ext in (".png", ".jpg") if os.path.isfile(stem + ext)), None)
@@ -135,7 +139,8 @@ def _training_images(folder: str, limit: int) -> tuple[list, list]:
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
         sizes.append((int(params["orig_h"]), int(params["orig_w"])))
-    return images, sizes
+        captions.append(caption_for(params))
+    return images, sizes, captions
 
 
 def training_summary(root: str) -> dict:
@@ -186,3 +191,60 @@ def sample(models: EffectModels, base: str, prompts: list[str], seeds: list[int]
 def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
     """[N, 3, H, W] in [0, 1] → uint8 H×W×3 arrays (what the readers take)."""
     return [(img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8) for img in images]
+
+
+@torch.no_grad()
+def micro_conditioning_use(models: EffectModels, base: str, seed: int = 0) -> dict:
+    """Does the model use c_crop and c_size at all? Training images cropped by Alg. 1 at the training size and
+    encoded by the VAE are denoised once with their true micro-conditioning and once with a wrong one (same caption,
+    noise and timesteps; stages/evaluate/conditioning_use.py's x0 error): c_crop mirrored along the cropped side
+    (the object then belongs on the other side), at the layout timesteps; c_size swapped between small (< training
+    size) and large originals, at the detail timesteps. gain = relative rise of the error; z = mean / standard error
+    of the per-image rise (the model uses it when z >> 3)."""
+    from sdxl.conditioner import base_time_ids
+    from sdxl.crops import bucket_crop_resize, cover_size
+    from sdxl.diffusion import default_schedule
+    from stages.evaluate.conditioning_use import x0_errors
+
+    r, rng = models.resolution, np.random.default_rng(seed)
+    pixels, sizes, crops, wrong_crops, wrong_sizes, captions = [], [], [], [], [], []
+    for image, (h, w), caption in zip(models.real_images, models.real_sizes, models.real_captions):
+        out, info = bucket_crop_resize(image, (r, r), rng=rng)
+        spare = [a - r for a in cover_size((h, w), (r, r))]
+        mirror = (spare[0] - info.c_crop[0], spare[1] - info.c_crop[1])
+        pixels.append(np.asarray(out, dtype=np.float32) / 127.5 - 1)
+        sizes.append((h, w))
+        crops.append(info.c_crop)
+        # Mirrored only where that moves the object (a square original has nowhere to go): None marks the rest.
+        wrong_crops.append(mirror if max(abs(m - c) for m, c in zip(mirror, info.c_crop)) >= 4 else None)
+        scale = (3 * r if min(h, w) < r else 12) / min(h, w)  # small ↔ large, same aspect
+        wrong_sizes.append((max(1, round(h * scale)), max(1, round(w * scale))))
+        captions.append(caption)
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    latents = torch.cat([models.vae.encode(x[i:i + 64]).latent_dist.mean for i in range(0, len(x), 64)])
+    latents = latents * models.vae_scale
+    target = (r, r)
+    schedule = default_schedule()
+    unet = models.bases[base]
+
+    def rise(wrong_ids, keep, timesteps):
+        idx = [i for i, k in enumerate(keep) if k]
+        context, pooled = models.conditioner.encode([captions[i] for i in idx])
+        noise = torch.randn((len(timesteps), len(idx), *latents.shape[1:]),
+                            generator=torch.Generator().manual_seed(seed))
+        true_ids = base_time_ids([sizes[i] for i in idx], [crops[i] for i in idx], target, len(idx))
+        args = (context, pooled)
+        err_true = x0_errors(unet, latents[idx], *args, true_ids, timesteps, noise, schedule.alphas_cumprod)
+        err_wrong = x0_errors(unet, latents[idx], *args, wrong_ids(idx), timesteps, noise, schedule.alphas_cumprod)
+        diff = (err_wrong - err_true).mean(dim=0)
+        base_err = float(err_true.mean())
+        spread = float(diff.std()) / max(1, len(idx)) ** 0.5
+        return {"num_images": len(idx), "timesteps": list(timesteps), "x0_mse_true": base_err,
+                "gain": float(diff.mean()) / base_err if base_err > 0 else 0.0,
+                "z": float(diff.mean()) / spread if spread > 0 else 0.0}
+
+    crop = rise(lambda idx: base_time_ids([sizes[i] for i in idx], [wrong_crops[i] for i in idx], target, len(idx)),
+                [c is not None for c in wrong_crops], (500, 700, 900))
+    size = rise(lambda idx: base_time_ids([wrong_sizes[i] for i in idx], [crops[i] for i in idx], target, len(idx)),
+                [True] * len(sizes), (50, 100, 200))
+    return {"crop": crop, "size": size}

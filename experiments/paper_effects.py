@@ -31,7 +31,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from experiments import effects_markdown, effects_report as report  # noqa: E402
-from experiments.effects_models import EffectModels, load_models, sample, train_models  # noqa: E402
+from experiments.effects_models import (EffectModels, load_models, micro_conditioning_use, sample,  # noqa: E402
+                                        train_models)
 from pipeline import storage  # noqa: E402
 
 RESOLUTION = 32  # the models' training size
@@ -130,11 +131,13 @@ def run(args) -> dict:
         "sampler": models.sampler, "training": models.training_summary,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
+    use = {name: micro_conditioning_use(models, name) for name in ("size_cond", "no_size_cond")}
     crop = experiment_crop(models, central, seeds)
     size = experiment_size(models, central, seeds)
     table2 = experiment_table2(models, specs, seeds)
     refiner = experiment_refiner(models, specs, seeds)
     grid_dir = os.path.join(out_dir, "results")
+    results["use"] = use
     results["crop"] = {"summary": crop["summary"], "original_size": list(CROP_ORIGINAL),
                        "grid": report.save_grid(crop["grids"], os.path.join(grid_dir, "crop_conditioning.png"))}
     results["size"] = {k: v for k, v in size.items() if k != "grids"}

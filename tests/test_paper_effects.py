@@ -85,6 +85,8 @@ def test_measuring_writes_every_section_with_statistics(tmp_path):
     assert [p["c_size"] for p in saved["size"]["size_cond"]["per_size"]] == list(paper_effects.SIZES)
     assert set(saved["table2"]["summary"]) == {"size_cond", "no_size_cond", "large_only"}
     assert results["refiner"]["summary"]["laplacian_variance"]["n"] == 6
+    for name in ("size_cond", "no_size_cond"):  # micro-conditioning use: both parts measured
+        assert saved["use"][name]["crop"]["num_images"] > 0 and saved["use"][name]["size"]["num_images"] == 12
 
 
 def test_sample_i_starts_from_seed_i_whatever_the_setting_and_its_place():

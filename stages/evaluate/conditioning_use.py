@@ -58,7 +58,7 @@ def swapped(spec: PromptSpec, attribute: str, rng: np.random.Generator) -> Promp
     return dataclasses.replace(spec, row=value[0], col=value[1])
 
 
-def _x0_errors(unet, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor,
+def x0_errors(unet, latents: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor,
                timesteps: Sequence[int], noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """[len(timesteps), B] per-image x0-MSE of one batch, one UNet call per timestep."""
     dtype = next(unet.parameters()).dtype
@@ -103,7 +103,7 @@ def conditioning_use(unet, encode: Encode, latents: torch.Tensor, specs: Sequenc
         part = slice(start, start + batch_size)
         for name, variant in variants.items():
             context, pooled = encode([spec.prompt for spec in variant[part]])
-            errors[name].append(_x0_errors(unet, latents[part], context.to(latents.device),
+            errors[name].append(x0_errors(unet, latents[part], context.to(latents.device),
                                            pooled.to(latents.device), time_ids[part].to(latents.device), timesteps,
                                            noise[:, part], schedule.alphas_cumprod))
     per_image = {name: torch.cat(rows, dim=1) for name, rows in errors.items()}  # [T, N]
