@@ -52,9 +52,8 @@ def _header(r: dict) -> list[str]:
              f"{r['guidance_scale']}; {r['seeds']} samples per setting, sample i from initial-noise seed i in every "
              "setting (so settings differ only in what is varied). Held-out prompts: demo vocabulary, seed 1. "
              "Intervals: 95% bootstrap.", "", "Training (the shipped stages, `stage=paper_effects`):", ""]
-    rows = [[step, _num(info.get("seconds"), 1), _num(info.get("step")), _num(info.get("samples"))]
-            for step, info in r["training"].items()]
-    return lines + _table(["step", "seconds", "steps", "samples"], rows) + [""]
+    rows = [[step, _num(info.get("step")), _num(info.get("samples"))] for step, info in r["training"].items()]
+    return lines + _table(["step", "steps trained", "samples (images)"], rows) + [""]
 
 
 def _crop(r: dict, out_dir: str) -> list[str]:

@@ -24,9 +24,6 @@ CONF = os.path.join(REPO, "pipeline", "conf")
 BASES = ("size_cond", "no_size_cond", "large_only")
 SAMPLER = "euler"
 REFINER_SCORE = 5.0  # the loader's score for unscored data: the only aesthetic score the refiner saw
-# --quick: the same chain with 2-step models on 48 images (tests/test_paper_effects.py).
-QUICK_OVERRIDES = ["demo.num_images=48", "train.max_steps=2", "train.checkpoint_every=2",
-                   "train.global_batch_size=4", "train.micro_batch_size=4"]
 
 
 @dataclass
@@ -53,14 +50,14 @@ def chain_config(root: str, overrides: list[str] = ()):
     return compose(config_name="config", overrides=[f"paths.root={root}", *overrides, "stage=paper_effects"])
 
 
-def train_models(root: str, quick: bool = False) -> dict:
+def train_models(root: str) -> dict:
     """Run the chain under ``root`` (complete steps are skipped); the workflow's result."""
     import ray
     from hydra import initialize_config_dir
 
     from pipeline.dispatch import execute
 
-    overrides = [f"paths.root={root}", *(QUICK_OVERRIDES if quick else [])]
+    overrides = [f"paths.root={root}"]
     started_here = not ray.is_initialized()
     if started_here:
         from pipeline.ray_env import TRAIN_POLL_ENV
@@ -144,7 +141,8 @@ def _training_images(folder: str, limit: int) -> tuple[list, list, list]:
 
 
 def training_summary(root: str) -> dict:
-    """Per step: seconds, steps, batch and images seen (from the workflow's completion markers)."""
+    """Per step: steps, images and world size (from the workflow's completion markers; a step's seconds there are
+    those of the call that last completed it, which is a few seconds when it found its model already trained)."""
     summary = {}
     for marker in sorted(glob.glob(os.path.join(root, "workflow", "paper_effects", "*.json"))):
         result = storage.read_json(marker).get("result") or {}

@@ -59,9 +59,11 @@ def _done_marker(marker_uri: str, digest: str, expected: list[str]) -> dict | No
 
 
 def _for_the_chain(override: str) -> bool:
-    """`stage=` and `workflow.*` configure the chain itself (e.g. `workflow.chain=[...]`); its stages lack them."""
+    """`stage=` and `workflow.*` configure the chain itself (e.g. `workflow.chain=[...]`); its stages lack them.
+    `paths.root=` is the chain's root, which every step already gets first (a step may move under it: the
+    paper_effects chain gives each model its own root, which a user's root must not flatten)."""
     key = override.split("=", 1)[0].lstrip("+~")
-    return key == "stage" or key.startswith("workflow.")
+    return key in ("stage", "paths.root") or key.startswith("workflow.")
 
 
 def _adds_a_key(override: str) -> bool:

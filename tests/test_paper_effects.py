@@ -69,7 +69,7 @@ def test_measuring_writes_every_section_with_statistics(tmp_path):
     out.mkdir()
     (out / "results.md").write_text("# Results\n\nCommentary kept across runs.\n")
     results = paper_effects.main(["--root", root, "--out", str(out), "--skip-training", "--seeds", "6",
-                                  "--sample-steps", "4"])
+                                  "--sample-steps", "5"])
     page = (out / "results.md").read_text()
     assert "Commentary kept across runs." in page and page.count(effects_report.BEGIN) == 1
     for heading in ("## 1. Crop conditioning", "## 2. Size conditioning", "## 3. Table 2 analogue", "## 4. Refiner"):

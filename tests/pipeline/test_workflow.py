@@ -100,6 +100,21 @@ def test_a_chain_override_reaches_the_steps_that_have_its_key():
     assert "cache" not in trainer and trainer.train.max_steps == 3
 
 
+def test_the_users_root_is_the_chains_and_a_step_may_still_move_under_it():
+    """`paths.root=/x` sets the chain's root (each step gets it first); a step that moves to its own root under it
+    (stage=paper_effects gives each model one) keeps that root instead of being flattened back onto /x."""
+    from pipeline.workflow import applicable_overrides, compose_stage_config
+
+    user = ["paths.root=/x", "train.max_steps=3"]
+    extra = ["paths.root=/x", "paths.root=/x/models/a"]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        assert applicable_overrides("pretrain256", user, extra) == ["train.max_steps=3"]
+        step = compose_stage_config("pretrain256", user, extra)
+        plain = compose_stage_config("pretrain256", user, ["paths.root=/x"])
+    assert step.paths.root == "/x/models/a" and step.train.max_steps == 3
+    assert plain.paths.root == "/x"
+
+
 def test_a_chain_refuses_an_override_no_step_has(tmp_path):
     """A key no step of the chain has (here handed to the workflow directly, past Hydra's own check of the command
     line) stops the chain before any step runs, instead of being dropped."""
