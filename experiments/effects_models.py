@@ -51,39 +51,23 @@ def chain_config(root: str, overrides: list[str] = ()):
 
 
 def train_models(root: str) -> dict:
-    """Run the chain under ``root`` (complete steps are skipped); the workflow's result."""
-    import ray
+    """Run the chain under ``root`` (complete steps are skipped) as the CLI does: ``execute`` starts the embedded
+    Ray (pipeline/ray_env.py) when none is running. The workflow's result."""
     from hydra import initialize_config_dir
 
     from pipeline.dispatch import execute
 
     overrides = [f"paths.root={root}"]
-    started_here = not ray.is_initialized()
-    if started_here:
-        from pipeline.ray_env import TRAIN_POLL_ENV
-
-        os.environ.setdefault(TRAIN_POLL_ENV, "0.25")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        with initialize_config_dir(config_dir=CONF, version_base=None):
-            cfg = chain_config(root, overrides)
-            return execute("paper_effects", cfg, overrides=overrides)
-    finally:
-        if started_here:
-            ray.shutdown()
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return execute("paper_effects", chain_config(root, overrides), overrides=overrides)
 
 
-def step_config(root: str, step: str):
-    """The composed config the workflow gave ``step`` (its per-step overrides on the stage it aliases)."""
-    from omegaconf import OmegaConf
-
+def step_configs(root: str, steps) -> dict:
+    """The composed configs the workflow gives ``steps`` (each one's per-step overrides on the stage it aliases)."""
     from pipeline import workflow
 
-    chain = chain_config(root)
-    aliases = OmegaConf.to_container(chain.workflow.aliases, resolve=True)
-    per_step = OmegaConf.to_container(chain.workflow.overrides, resolve=True)
-    extra = [f"paths.root={root}", *workflow._flatten(per_step.get(step, []))]
-    return workflow.compose_stage_config(str(aliases.get(step, step)), [], extra)
+    chain = {step: (stage, extra) for step, stage, extra in workflow.chain_steps(chain_config(root), root)}
+    return {step: workflow.compose_stage_config(chain[step][0], [], chain[step][1]) for step in steps}
 
 
 def _final_ema(step_cfg, stage: str) -> str:
@@ -99,7 +83,7 @@ def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: f
     from stages.train.tasks import load_module_weights
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        configs = {step: step_config(root, step) for step in (*BASES, "refiner")}
+        configs = step_configs(root, (*BASES, "refiner"))
         demo_dir = str(chain_config(root).demo.out_dir)
     device = torch.device("cpu")
     bases = {}
@@ -184,11 +168,6 @@ def sample(models: EffectModels, base: str, prompts: list[str], seeds: list[int]
                                         aesthetic_score=REFINER_SCORE, negative_aesthetic_score=REFINER_SCORE)
             out[idx] = decode_latents(models.vae, latents, models.vae_scale).float().cpu()
     return out
-
-
-def to_arrays(images: torch.Tensor) -> list[np.ndarray]:
-    """[N, 3, H, W] in [0, 1] → uint8 H×W×3 arrays (what the readers take)."""
-    return [(img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8) for img in images]
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from scipy import stats
 from pipeline import storage
 from sdxl.crops import bucket_crop_resize
 from stages.evaluate.measures import high_frequency_energy, laplacian_variance, touches_border
-from stages.evaluate.prompt_following import PromptSpec, heldout_specs, lightness_auc, object_mask, read_image, score
+from stages.evaluate.prompt_following import PromptSpec, lightness_auc, object_mask, read_image, score
 
 BEGIN = "<!-- BEGIN GENERATED (experiments/paper_effects.py rewrites this part) -->"
 END = "<!-- END GENERATED -->"
@@ -229,10 +229,6 @@ def refiner_statistics(base: torch.Tensor, refined: torch.Tensor, specs: list, r
             "readings_kept": mean_ci([float(k) for k in kept]),
             "background_accuracy": mcnemar(b["right"]["background"], r["right"]["background"]),
             "object_color_accuracy": mcnemar(b["right"]["object_color"], r["right"]["object_color"])}
-
-
-def heldout_prompts(count: int, seed: int) -> list[PromptSpec]:
-    return heldout_specs(count, seed)
 
 
 def centred(specs: list[PromptSpec]) -> list[PromptSpec]:

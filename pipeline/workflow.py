@@ -126,22 +126,24 @@ def _flatten(overrides: list) -> list[str]:
     return flat
 
 
+def chain_steps(cfg: DictConfig, root: str) -> list[tuple[str, str, list[str]]]:
+    """(step, the stage it runs, its own overrides: the chain's root first, then the step's list) per chain step;
+    what a step's config is composed from before the user's overrides (also for tools that rebuild it)."""
+    per_stage = OmegaConf.to_container(cfg.workflow.get("overrides") or {}, resolve=True)
+    aliases = cfg.workflow.get("aliases")
+    aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
+    return [(step, str(aliases.get(step, step)), [f"paths.root={root}", *_flatten(per_stage.get(step, []))])
+            for step in cfg.workflow.chain]
+
+
 def run_chain(cfg: DictConfig, ctx: StageContext, name: str) -> dict:
     from pipeline.dispatch import execute  # late: dispatch imports the registry, which names this module
     from pipeline.registry import get_stage
 
-    chain = list(cfg.workflow.chain)
-    per_stage = OmegaConf.to_container(cfg.workflow.get("overrides") or {}, resolve=True)
     user = list(ctx.extra.get("overrides", []))
     results: dict[str, dict] = {}
-    aliases = cfg.workflow.get("aliases")
-    aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
-    steps = []
-    for step in chain:
-        stage = str(aliases.get(step, step))
-        extra = [f"paths.root={ctx.root}", *_flatten(per_stage.get(step, []))]
-        applied = applicable_overrides(stage, user, extra)
-        steps.append((step, stage, extra, applied))
+    steps = [(step, stage, extra, applicable_overrides(stage, user, extra))
+             for step, stage, extra in chain_steps(cfg, ctx.root)]
     steps = _add_new_keys_everywhere(user, steps)
     _check_every_override_applies(user, steps, name)
     upstream = ""  # what the steps so far were made from: their configs and when each last ran

@@ -21,9 +21,9 @@ CONF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "pipeline",
 def test_the_chain_gives_each_variant_its_own_root_and_what_table_2_varies(tmp_path):
     root = str(tmp_path / "pe")
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = {step: effects_models.step_config(root, step)
-               for step in ("size_cond_layout", "size_cond", "no_size_cond", "large_only", "refiner")}
-        demo = effects_models.step_config(root, "demo_data").demo
+        cfg = effects_models.step_configs(
+            root, ("size_cond_layout", "size_cond", "no_size_cond", "large_only", "refiner", "demo_data"))
+        demo = cfg.pop("demo_data").demo
     assert demo.placement == "central" and demo.small_side == 32 and demo.max_side == 128
     for step, c in cfg.items():
         assert c.loader.dataset_dir == f"{root}/data/default" and c.loader.cached and c.loader.resolution == 32
