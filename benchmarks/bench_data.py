@@ -5,7 +5,9 @@ same keys, buckets, hashes and image bytes in one-bucket tars plus a parquet man
 (benchmarks/bench_data_baseline.py) is a plain loop; the pipeline is the streaming pass on an embedded Ray with one
 reader task at a time (then two), its shard writer, the dedup, manifest, shard index, stats and plots. Every run is a
 fresh process; CPU is summed over every process of a side (Ray's included); sizes alternate between the sides,
-`BENCH_DATA_REPEATS` times each, and medians are fitted over the sizes: wall = intercept + slope × images.
+`BENCH_DATA_REPEATS` times each (3), and medians are fitted over the sizes: wall = intercept + slope × images.
+The per-core ratio of each repeat alone is reported beside the medians' (this machine's speed moves by 15-30% between
+minutes), and the pipeline's CPU is split into its Ray workers, its driver and Ray's daemons.
 
 Figures: the per-core ratio at the margin (baseline CPU per image / pipeline CPU per image, goal ≥ 0.9), the
 pipeline's fixed cost (intercept, goal ≤ 15 s), 1 → 2 workers, bytes written outside the final shards per shard byte
@@ -39,7 +41,8 @@ ABOUT = ("Folder → shards. Baseline: one Python process, one loop — read eac
          "N reader tasks and a shard-writer actor, dedup, manifest, rejects, shard index, stats, three plots) doing "
          "the same per-image work. Same keys, buckets, hashes and bytes on both sides (checked). Each run is a fresh "
          "process; CPU summed over all its processes (Ray's included); medians of alternating runs; "
-         "fit over sizes: time = intercept + slope × images.")
+         "fit over sizes: time = intercept + slope × images; each repeat's own per-core ratio beside the medians'; "
+         "the pipeline's CPU split into Ray workers (reader tasks, shard writer), driver and Ray's daemons.")
 
 
 def sizes_from_env() -> tuple[int, ...]:
@@ -74,9 +77,35 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def cpu_by_role(report: dict) -> dict[str, float]:
+    """A pipeline run's CPU seconds split three ways: Ray's worker processes (the reader tasks and the shard writer;
+    a worker idle at the last poll is titled ray::IDLE), the driver (planning, Ray Data's scheduling loop, finalize),
+    and Ray's per-node daemons (raylet, GCS, dashboard, agents, monitors)."""
+    roles = {"workers": 0.0, "driver": 0.0, "daemons": 0.0}
+    for name, cpu in report["cpu_by_process"].items():
+        if name == "default_worker.py" or name.startswith("ray::"):
+            roles["workers"] += cpu
+        elif name == "benchmarks.bench_data_tools":
+            roles["driver"] += cpu
+        else:
+            roles["daemons"] += cpu
+    return roles
+
+
+def _per_repeat_ratios(sizes: tuple[int, ...], runs: dict, repeats: int) -> list[float]:
+    """The per-core marginal ratio of each repeat alone (its baseline and pipeline runs ran next to each other): the
+    spread says how far the machine's speed moved the median's figure."""
+    ratios = []
+    for r in range(repeats):
+        slopes = [linear_fit(list(sizes), [runs[n][side][r]["cpu_s"] for n in sizes])[1]
+                  for side in ("baseline", "pipeline")]
+        ratios.append(round(slopes[0] / slopes[1], 3))
+    return ratios
+
+
 def main(sizes: tuple[int, ...] | None = None, repeats: int | None = None) -> dict:
     sizes = tuple(sorted(sizes or sizes_from_env()))
-    repeats = repeats or int(os.environ.get("BENCH_DATA_REPEATS", "2"))
+    repeats = repeats or int(os.environ.get("BENCH_DATA_REPEATS", "3"))
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         generated = photo_folder(os.path.join(tmp, "photos"), max(sizes))
         runs: dict[int, dict[str, list[dict]]] = {}
@@ -96,6 +125,8 @@ def main(sizes: tuple[int, ...] | None = None, repeats: int | None = None) -> di
     rss = [_median(runs[n]["pipeline"], "driver_peak_rss_mb") for n in sizes]
     one_at_scale = _median(runs[scale_n]["pipeline"], "wall_s")
     ratio = fits["baseline"]["cpu_s"][1] / fits["pipeline"]["cpu_s"][1]
+    roles = {role: [statistics.median(cpu_by_role(r)[role] for r in runs[n]["pipeline"]) for n in sizes]
+             for role in ("workers", "driver", "daemons")}
     outside = max(r["bytes_outside_shards"] / max(1, r["shard_bytes"]) for r in pipe_runs)
     spread = max(rss) / min(rss) - 1
     results = {
@@ -106,6 +137,10 @@ def main(sizes: tuple[int, ...] | None = None, repeats: int | None = None) -> di
         **{f"{side}_fit_{key}": f"{fits[side][key][0]:.2f} s + {1000 * fits[side][key][1]:.2f} ms/image"
            for side in fits for key in ("wall_s", "cpu_s")},
         "marginal_ratio_per_core": round(ratio, 3),
+        "marginal_ratio_per_core_by_repeat": _per_repeat_ratios(sizes, runs, repeats),
+        "pipeline_cpu_s_by_role": roles,
+        "pipeline_fit_cpu_ms_per_image_by_role": {
+            role: round(1000 * linear_fit(list(sizes), values)[1], 3) for role, values in roles.items()},
         "marginal_ratio_wall": round(fits["baseline"]["wall_s"][1] / fits["pipeline"]["wall_s"][1], 3),
         "end_to_end_ratio_at_largest": round(med["baseline"]["wall_s"][-1] / med["pipeline"]["wall_s"][-1], 3),
         "pipeline_intercept_s": round(fits["pipeline"]["wall_s"][0], 2),

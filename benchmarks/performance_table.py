@@ -20,7 +20,9 @@ def _pct(value: float) -> str:
 
 
 def _data(r: dict) -> str:
-    return (f"**{r['marginal_ratio_per_core']:.2f}×** the loop's images/s per core at the margin; fixed cost "
+    by_repeat = r.get("marginal_ratio_per_core_by_repeat")
+    spread = f" (each repeat alone: {min(by_repeat):.2f}–{max(by_repeat):.2f})" if by_repeat else ""
+    return (f"**{r['marginal_ratio_per_core']:.2f}×** the loop's images/s per core at the margin{spread}; fixed cost "
             f"{r['pipeline_intercept_s']:.0f} s; 1 → 2 workers {r['scaling_1_to_2_workers']:.2f}×")
 
 
