@@ -265,6 +265,8 @@ class DeepSpeedStrategy(Strategy):
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            skip_cpu_shm_allreduce_build()
         optimizer = self.make_optimizer(model.parameters())
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.deepspeed_config())
         # ZeRO keeps the client optimizer's param-group dicts, so a LambdaLR on it drives the engine's lr.
@@ -311,6 +313,16 @@ class DeepSpeedStrategy(Strategy):
                                              load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path}/{DEEPSPEED_TAG}")
+
+
+def skip_cpu_shm_allreduce_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op when its communication backend starts (~30 s of C++
+    per machine and virtualenv; docs/decisions.md). Only its inference all-reduce uses that op; ZeRO training reduces
+    through the process group (gloo), so the op is marked unavailable and never built. DeepSpeed keeps the result of
+    its op probe in this dict for the process, edits included."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_config(*, micro_batch_size: int, accumulation: int, world_size: int, zero_stage: int,

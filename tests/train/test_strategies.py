@@ -35,6 +35,23 @@ def test_deepspeed_config_is_consistent():
     assert not cpu["bf16"]["enabled"]
 
 
+@pytest.mark.slow  # a fresh process importing DeepSpeed and probing its ops: ~10 s
+def test_deepspeed_on_cpu_does_not_compile_its_shared_memory_allreduce(tmp_path):
+    """The op only serves DeepSpeed's inference all-reduce; building it cost ~30 s of C++ per fresh machine."""
+    import subprocess
+    import sys
+
+    code = ("from stages.train.strategies import skip_cpu_shm_allreduce_build\n"
+            "skip_cpu_shm_allreduce_build()\n"
+            "from deepspeed.comm.torch import build_shm_op\n"
+            "assert build_shm_op() is None\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "ext" / "deepspeed_shm_comm").exists()
+
+
 def test_unknown_strategy_names_the_key():
     cfg = OmegaConf.create({"strategy": "horovod", "grad_clip": 1.0, "mixed_precision": "bf16"})
     with pytest.raises(ValueError, match="train.strategy"):
