@@ -3,7 +3,8 @@
 Same tiny random UNet, embeddings, micro-conditioning, scheduler config, steps, guidance and seed on both sides
 (the outputs agree to 1e-4: tests/sdxl/test_sampling_agreement.py); the pipeline gets the embeddings directly and
 returns latents, so both sides time the denoising loop only. Runs alternate between the two sides (so a load change
-on a shared machine hits both alike), each side going first in every other pair, and each side reports its median. One torch thread, as a serving replica gets.
+on a shared machine hits both alike), each side going first in every other pair, and each side reports its median.
+One torch thread, as a serving replica gets.
 ``ratio`` is the total of our medians over diffusers' across the three samplers (per-sampler ratios are listed
 too; they are noisier on a loaded machine). Goal: ratio ≤ 1.05.
 

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from pipeline.context import StageContext
 from stages.train.loop import accumulation_steps, derive_seed
 from stages.train.strategies import deepspeed_config, make_strategy
+from tests.cluster.helpers import REPO
 from tests.train.toy_task import assert_same_weights, final_weights, reference_run, toy_cfg
 
 
@@ -46,8 +47,7 @@ def test_deepspeed_on_cpu_does_not_compile_its_shared_memory_allreduce(tmp_path)
             "from deepspeed.comm.torch import build_shm_op\n"
             "assert build_shm_op() is None\n")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "ext" / "deepspeed_shm_comm").exists()
 
