@@ -57,7 +57,7 @@ def _init_context(device: str | torch.device, seed: int):
         yield
 
 
-def _place(module: nn.Module, device, dtype: torch.dtype | None) -> nn.Module:
+def place_module(module: nn.Module, device, dtype: torch.dtype | None) -> nn.Module:
     """Move, and cast only when the dtype changes (diffusers warns on every dtype ``.to``)."""
     if dtype is not None and next(module.parameters()).dtype != dtype:
         module = module.to(dtype=dtype)
@@ -73,7 +73,7 @@ def build_unet(preset: ModelPreset | str, kind: str = "base", device: str | torc
     config = preset.unet_config(kind)
     with _init_context(device, seed + _SEED_OFFSETS[f"unet_{kind}"]):
         unet = UNet2DConditionModel(**config)
-    return _place(unet, device, dtype)
+    return place_module(unet, device, dtype)
 
 
 def build_vae(preset: ModelPreset | str, device: str | torch.device = "cpu", seed: int = 0) -> AutoencoderKL:
@@ -81,7 +81,7 @@ def build_vae(preset: ModelPreset | str, device: str | torch.device = "cpu", see
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["vae"]):
         vae = AutoencoderKL(**preset.vae)
-    return _place(vae, device, torch.float32)
+    return place_module(vae, device, torch.float32)
 
 
 def build_text_encoder_l(preset: ModelPreset | str, device: str | torch.device = "cpu",
@@ -91,7 +91,7 @@ def build_text_encoder_l(preset: ModelPreset | str, device: str | torch.device =
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_l"]):
         model = CLIPTextModel(CLIPTextConfig(**preset.text_encoder_l))
         _init_text_embeddings(model, preset.clip_l_embedding_std)
-    return _place(model, device, dtype)
+    return place_module(model, device, dtype)
 
 
 def build_text_encoder_g(preset: ModelPreset | str, device: str | torch.device = "cpu",
@@ -100,7 +100,7 @@ def build_text_encoder_g(preset: ModelPreset | str, device: str | torch.device =
     preset = get_preset(preset)
     with _init_context(device, seed + _SEED_OFFSETS["text_encoder_g"]):
         model = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_g))
-    return _place(model, device, dtype)
+    return place_module(model, device, dtype)
 
 
 def _init_text_embeddings(model: nn.Module, std: float | None) -> None:
@@ -220,7 +220,7 @@ def build_components(preset_name: str | ModelPreset = "tiny", kind: str = "base"
             encoder.requires_grad_(False)
     modules = [m for m in (unet, refiner_unet, text_l, text_g) if m is not None]
     for module in modules:
-        _place(module, device, None).eval()
-    _place(vae, device, torch.float32).eval()
+        place_module(module, device, None).eval()
+    place_module(vae, device, torch.float32).eval()
     return SDXLComponents(unet=unet, refiner_unet=refiner_unet, vae=vae, text_encoder_l=text_l,
                           text_encoder_g=text_g, tokenizer_l=tokenizer_l, tokenizer_g=tokenizer_g, preset=preset)

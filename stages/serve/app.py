@@ -251,9 +251,13 @@ def wait_until_healthy(url: str, timeout_s: float) -> None:
 def start(cfg, tracking_uri: str | None = None) -> str:
     """Start Serve's HTTP proxy on ``serve.host:serve.port``, deploy the app, wait for /health; returns the URL."""
     s = cfg.serve
+    logging_config = {"log_level": str(s.get("log_level", "INFO")).upper(),
+                      "enable_access_log": bool(s.get("access_log", True))}
+    logging.getLogger("ray.serve").setLevel(logging_config["log_level"])  # this process's own Serve lines too
     serve.start(http_options={"host": str(s.host), "port": int(s.port),
-                              "request_timeout_s": float(s.request_timeout_s)})
-    serve.run(build_app(cfg, tracking_uri), name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False)
+                              "request_timeout_s": float(s.request_timeout_s)}, logging_config=logging_config)
+    serve.run(build_app(cfg, tracking_uri), name=str(s.app_name), route_prefix=str(s.route_prefix), blocking=False,
+              logging_config=logging_config)
     url = f"http://{s.host}:{int(s.port)}{str(s.route_prefix).rstrip('/')}"
     wait_until_healthy(url, float(s.startup_timeout_s))
     return url

@@ -249,7 +249,7 @@ def load_vae(sources: ModelSources):
     """The autoencoder on the serving device (float32: SDXL's VAE overflows in float16)."""
     from diffusers import AutoencoderKL
 
-    from sdxl.models import build_vae
+    from sdxl.models import build_vae, place_module
     from sdxl.presets import get_preset
 
     preset = get_preset(sources.preset)
@@ -261,7 +261,7 @@ def load_vae(sources: ModelSources):
         vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32, use_safetensors=True)
         _check_fits(str(source), "VAE", dict(vae.config), preset.vae, _VAE_KEYS, sources.preset)
         log.info("loaded VAE from %s", source)
-    return vae.to(sources.torch_device(), dtype=torch.float32).eval().requires_grad_(False)
+    return place_module(vae, sources.torch_device(), torch.float32).eval().requires_grad_(False)
 
 
 def load_text_conditioners(sources: ModelSources):

@@ -28,7 +28,7 @@ from stages.train.ema import EMA
 from stages.train.sample_grid import grid_png_bytes, sample_artifact_name
 from stages.train.schedules import make_lr_scheduler
 from stages.train.strategies import make_strategy
-from stages.train.worker_logging import WorkerLogger
+from stages.train.worker_logging import Progress, WorkerLogger, quiet_ray_train_reports
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def train_loop(config: dict) -> None:
         # As many intra-op threads as CPUs Ray reserved for this worker: Ray's own OMP_NUM_THREADS is skipped when
         # the driver's environment already sets one (a test session's 1 ran the learning check single-threaded).
         torch.set_num_threads(max(1, int(float(config["cfg"].get("cluster", {}).get("cpus_per_worker", 1)))))
+    quiet_ray_train_reports(str(config["cfg"].get("train", {}).get("ray_log_level", "WARNING")))
     run_worker(config, tctx.get_world_rank(), tctx.get_world_size(), device, ray.train.get_checkpoint())
 
 
@@ -187,6 +188,7 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
     if start_step < max_steps:
         batches = load_factory(tc.batches_factory)(cfg, rank, world_size, micro, start_step, accum)
     window = _Window()
+    progress = Progress(config["stage"], max_steps, float(tc.get("progress_every_s", 30))) if rank == 0 else None
     for step in range(start_step, max_steps):
         t0 = time.perf_counter()
         seed_step(generator, seed, step, rank)
@@ -212,6 +214,8 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
         metrics = {"step": done, "lr": lr, "resumed_from_step": start_step}
         if done % int(tc.log_every) == 0 or done == max_steps:
             metrics.update(_log_window(window, logger, done, micro * world_size * accum, device, lr))
+            if progress is not None:
+                progress.update(done, metrics["loss"], metrics["step_time_s"])
         evaluate = int(tc.get("eval_every") or 0) > 0 and done % int(tc.eval_every) == 0
         if evaluate or (int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0):
             _log_samples(task, strategy, model, ema, done, logger, run_dir, rank, cfg if evaluate else None)

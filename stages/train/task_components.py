@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from pipeline import storage
 from sdxl.conditioner import TextConditioner
 from sdxl.diffusion import make_noise
-from sdxl.models import build_text_encoder_g, build_text_encoder_l, build_vae
+from sdxl.models import build_text_encoder_g, build_text_encoder_l, build_vae, place_module
 from sdxl.presets import get_preset
 from sdxl.tokenizers import load_tokenizers
 from stages.train.tasks import DIFFUSERS_WEIGHTS, final_dir, load_module_weights, task_option, torch_dtype
@@ -79,7 +79,7 @@ def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
         if kind == "trained":
             load_module_weights(vae, source)
             adopt_saved_scaling_factor(vae, source)
-    vae = vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    vae = place_module(vae, device, torch.float32).eval().requires_grad_(False)
     return vae, f"{kind}:{source or preset.name}"
 
 

@@ -55,7 +55,7 @@ def loop_config(cfg, ctx, inputs_hash: str | None = None) -> dict:
 
 
 def build_trainer(cfg, ctx, inputs_hash: str | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from stages.train.loop import train_loop
@@ -74,7 +74,8 @@ def build_trainer(cfg, ctx, inputs_hash: str | None = None):
                                      resources_per_worker=resources),
         run_config=RunConfig(name=ctx.stage, storage_path=storage_path(cfg, ctx),
                              failure_config=FailureConfig(max_failures=int(cfg.train.max_failures)),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                             logging_config=LoggingConfig(log_level=str(cfg.train.get("ray_log_level", "WARNING")))),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 
@@ -72,3 +73,40 @@ class WorkerLogger:
             with open(local, "wb") as f:
                 f.write(data)
             self.client.log_artifact(self.run_id, local, artifact_path)
+
+
+def quiet_ray_train_reports(level: str) -> None:
+    """Give Ray Train's per-report line ("Reporting training result N: TrainingReport(...)") the level its
+    ``LoggingConfig`` gives the rest of Ray Train: Ray 2.60 logs it under a logger named after its source file, not
+    under ``ray.train``, so that setting does not reach it. Nothing to do where that module is not loaded."""
+    module = sys.modules.get("ray.train.v2._internal.execution.context")
+    if module is not None:
+        logging.getLogger(module.__file__).setLevel(level.upper())
+
+
+def progress_line(stage: str, step: int, max_steps: int, loss: float, step_time_s: float) -> str:
+    """``pretrain256 step 400/1200 (33%) · loss 0.0121 · 0.33 s/step · 4 min 24 s left``."""
+    from pipeline.console import format_seconds
+
+    left = max(0, max_steps - step) * step_time_s
+    tail = f" · {format_seconds(left)} left" if step < max_steps else " · done"
+    return (f"{stage} step {step}/{max_steps} ({100 * step // max(1, max_steps)}%) · loss {loss:.4g} · "
+            f"{step_time_s:.2f} s/step{tail}")
+
+
+class Progress:
+    """Rank 0's console progress: one line per log window that comes at least ``every_s`` after the last line, and
+    one at the last step, so a long stage shows where it is without a line per window (which MLflow has)."""
+
+    def __init__(self, stage: str, max_steps: int, every_s: float, clock=time.monotonic):
+        self.stage, self.max_steps, self.every_s, self.clock = stage, max_steps, every_s, clock
+        self.last = clock()
+
+    def update(self, step: int, loss: float, step_time_s: float) -> str | None:
+        now = self.clock()
+        if step < self.max_steps and now - self.last < self.every_s:
+            return None
+        self.last = now
+        line = progress_line(self.stage, step, self.max_steps, loss, step_time_s)
+        log.info(line)
+        return line

@@ -132,5 +132,9 @@ def test_cluster_settings_and_trainer_config(tmp_path, make_ctx):
     json.dumps(config)  # a plain, picklable/JSON-able dict for the workers
     trainer = build_trainer(cfg, ctx)
     assert trainer.scaling_config.num_workers == 3
+    # Ray Train's own INFO lines (worker group start, every checkpoint report) stay in its log files by default.
+    assert trainer.run_config.logging_config.log_level == "WARNING"
+    chatty = build_trainer(OmegaConf.merge(cfg, {"train": {"ray_log_level": "info"}}), ctx)
+    assert chatty.run_config.logging_config.log_level == "INFO"
     with pytest.raises(ValueError, match="cluster.num_workers"):
         cluster_settings(OmegaConf.merge(cfg, {"cluster": {"num_workers": 0}}))
