@@ -28,7 +28,7 @@ from stages.train.ema import EMA
 from stages.train.sample_grid import grid_png_bytes, sample_artifact_name
 from stages.train.schedules import make_lr_scheduler
 from stages.train.strategies import make_strategy
-from stages.train.worker_logging import Progress, WorkerLogger, quiet_ray_train_reports
+from stages.train.worker_logging import Progress, WorkerLogger, quiet_ray_train_reports, ray_train_log_level
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def train_loop(config: dict) -> None:
         # As many intra-op threads as CPUs Ray reserved for this worker: Ray's own OMP_NUM_THREADS is skipped when
         # the driver's environment already sets one (a test session's 1 ran the learning check single-threaded).
         torch.set_num_threads(max(1, int(float(config["cfg"].get("cluster", {}).get("cpus_per_worker", 1)))))
-    quiet_ray_train_reports(str(config["cfg"].get("train", {}).get("ray_log_level", "WARNING")))
+    quiet_ray_train_reports(ray_train_log_level(config["cfg"].get("train", {})))
     run_worker(config, tctx.get_world_rank(), tctx.get_world_size(), device, ray.train.get_checkpoint())
 
 

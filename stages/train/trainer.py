@@ -59,6 +59,7 @@ def build_trainer(cfg, ctx, inputs_hash: str | None = None):
     from ray.train.torch import TorchTrainer
 
     from stages.train.loop import train_loop
+    from stages.train.worker_logging import ray_train_log_level
 
     cluster = cluster_settings(cfg)
     keep = int(cfg.train.keep_checkpoints)
@@ -75,7 +76,7 @@ def build_trainer(cfg, ctx, inputs_hash: str | None = None):
         run_config=RunConfig(name=ctx.stage, storage_path=storage_path(cfg, ctx),
                              failure_config=FailureConfig(max_failures=int(cfg.train.max_failures)),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep),
-                             logging_config=LoggingConfig(log_level=str(cfg.train.get("ray_log_level", "WARNING")))),
+                             logging_config=LoggingConfig(log_level=ray_train_log_level(cfg.train))),
     )
 
 

@@ -75,6 +75,12 @@ class WorkerLogger:
             self.client.log_artifact(self.run_id, local, artifact_path)
 
 
+def ray_train_log_level(train_cfg) -> str:
+    """``train.ray_log_level`` (a DictConfig or the workers' plain dict), WARNING where a config predates the key:
+    read here once for the trainer's ``LoggingConfig`` and for the workers' report lines."""
+    return str(train_cfg.get("ray_log_level") or "WARNING").upper()
+
+
 def quiet_ray_train_reports(level: str) -> None:
     """Give Ray Train's per-report line ("Reporting training result N: TrainingReport(...)") the level its
     ``LoggingConfig`` gives the rest of Ray Train: Ray 2.60 logs it under a logger named after its source file, not
