@@ -4,6 +4,7 @@
     python benchmarks/run.py data sampler   # some (module names without the bench_ prefix); the others' figures
                                             # are kept from benchmarks/results.json, with the time they were taken
     python benchmarks/run.py demo           # the demo's step times and scores (reads a finished `make demo`)
+    python benchmarks/run.py suite          # `make test` under a CPU meter (about half an hour on 2 cores)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 BENCHMARKS = ["data", "data_urls", "data_plan", "sampler", "train", "cache", "serve", "load", "serve_fault", "export",
-              "scale_model", "demo"]
+              "scale_model", "demo", "suite"]
 
 
 def _format(value) -> str:
