@@ -52,3 +52,14 @@ def test_the_readme_row_shows_wall_and_floor():
                          "measured_at": "2026-12-02 17:00 UTC"}}
     row = next(line for line in performance_table.table(results).splitlines() if line.startswith("| `suite`"))
     assert "**31.8 min** (721 passed); CPU floor 21.0 min (66% busy)" in row and "≤ 15 min" in row
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_a_failing_command_fails_the_benchmark_and_still_prints_its_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_suite, "machine_step_s", lambda: 0.1)
+    monkeypatch.setattr(bench_suite, "_REPO", str(tmp_path))
+    monkeypatch.setenv("BENCH_SUITE_CMD", f"{sys.executable} -c \"print('== 1 failed, 2 passed in 0.1s =='); exit(1)\"")
+    with pytest.raises(RuntimeError, match="exited 1"):
+        bench_suite.main()
+    err = capsys.readouterr().err
+    assert '"failed": 1' in err and '"passed": 2' in err and '"cpu_floor_s"' in err
