@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +49,7 @@ def read_stat() -> str | None:
 def parse_pytest(output: str) -> dict:
     """Counts and seconds from pytest's summary line, and its --durations lines (slowest first)."""
     out: dict = {}
-    summaries = [m for m in SUMMARY.finditer(output)]
+    summaries = list(SUMMARY.finditer(output))
     if summaries:
         last = summaries[-1]
         out["pytest_seconds"] = float(last.group("seconds"))
@@ -104,21 +103,14 @@ def run_measured(command: str, log_path: str) -> dict:
     """Run `command` in the repo (a shell line), its output to `log_path` and echoed; wall and machine CPU over it."""
     before = read_stat()
     started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, shell=True, cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        output = []
-
-        def pump():
-            for line in proc.stdout:
-                output.append(line)
-                log.write(line)
-                sys.stdout.write(line)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+    output = []
+    with open(log_path, "w") as log, subprocess.Popen(command, shell=True, cwd=_REPO, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            output.append(line)
+            log.write(line)
+            sys.stdout.write(line)
         returncode = proc.wait()
-        reader.join()
     wall = time.time() - started
     after = read_stat()
     out = {"command": command, "returncode": returncode, "wall_s": round(wall, 1), "log": log_path}
