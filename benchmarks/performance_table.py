@@ -81,7 +81,9 @@ ROWS: list[tuple[str, str, Callable[[dict], str], str]] = [
     ("export", "exported diffusers folders and single files vs our models", _export, "≤ 1 level; 0"),
     ("demo", "`make demo` on 2 cores: the exported base in diffusers on 63 held-out prompts (chance 0.14 / 0.17 / 0.11)",
      lambda r: f"object colour **{r['object_color_accuracy']:.2f}**, background **{r['background_accuracy']:.2f}**, "
-               f"position **{r['position_accuracy']:.2f}**; VAE {r['vae_psnr_db']:.1f} dB; "
+               f"position **{r['position_accuracy']:.2f}**"
+               + (f", shape {r['shape_accuracy']:.2f} (chance 0.17, no goal)" if "shape_accuracy" in r else "")
+               + f"; VAE {r['vae_psnr_db']:.1f} dB; "
                f"{r['steps_total_s'] / 60:.0f} min of steps",
      "≥ 0.75 / 0.9 / 0.5; ≥ 25 dB; ≤ 15 min"),
     ("suite", "`make test` on 2 cores: wall time, and the machine's busy CPU over it divided by its cores (the wall "

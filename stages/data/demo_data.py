@@ -187,7 +187,7 @@ def _background(h: int, w: int, params: dict) -> Image.Image:
     return small.resize((w, h), Image.Resampling.BILINEAR)
 
 
-def _shape_points(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+def shape_points(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
     """Polygon vertices of a shape centred at (x, y) inside a box of half-side r."""
     def ring(n: int, radius: float, start: float) -> list[tuple[float, float]]:
         return [(x + radius * math.cos(start + 2 * math.pi * k / n), y + radius * math.sin(start + 2 * math.pi * k / n))
@@ -218,7 +218,7 @@ def render(params: dict) -> Image.Image:
     if params["shape"] == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
     else:
-        draw.polygon(_shape_points(params["shape"], x, y, r), fill=color)
+        draw.polygon(shape_points(params["shape"], x, y, r), fill=color)
     if scale != 1:
         # Box averaging of a supersampled render: the antialiased, detail-poor look of a real small photo.
         image = image.reduce(scale)

@@ -1,5 +1,5 @@
 """Conditioning use: how much worse a base model denoises held-out demo images when its prompt names a wrong
-background, object colour or position.
+background, object colour, position or shape.
 
 Reading samples (prompt_following.py) says whether a model *draws* what it is asked; it stays at chance until an
 attribute is learnt well enough to survive sampling. This measure says whether the model *uses* each word at all, and
@@ -10,7 +10,7 @@ latent) rises with the wrong word exactly as much as the model relies on it:
 
     gain(attribute) = (mean x0-MSE with the wrong word - mean x0-MSE with the true caption) / mean x0-MSE (true)
 
-0 means the model ignores the word; a model that ignores text altogether scores 0 on all three. ``z`` is the paired
+0 means the model ignores the word; a model that ignores text altogether scores 0 on all four. ``z`` is the paired
 difference's mean over its standard error across images (> ~3: the gain is not noise). Pure functions on tensors; the
 evaluate stage supplies the UNet, the text encoding and the latents (``heldout_latents``).
 """
@@ -26,13 +26,13 @@ import torch
 
 from stages.evaluate.prompt_following import COLS, ROWS, PromptSpec
 
-ATTRIBUTES = ("background", "object_color", "position")
+ATTRIBUTES = ("background", "object_color", "position", "shape")
 DEFAULT_TIMESTEPS = (300, 500, 700, 900)  # where layout and colour are decided; low-noise steps add only detail
 Encode = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # prompts → (context [B, 77, C], pooled [B, P])
 
 
 def _vocabulary(attribute: str) -> list:
-    from stages.data.demo_data import BACKGROUND_COLORS, OBJECT_COLORS
+    from stages.data.demo_data import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES
 
     if attribute == "background":
         return list(BACKGROUND_COLORS)
@@ -40,11 +40,14 @@ def _vocabulary(attribute: str) -> list:
         return list(OBJECT_COLORS)
     if attribute == "position":
         return [(row, col) for row in ROWS for col in COLS]
+    if attribute == "shape":
+        return list(SHAPES)
     raise ValueError(f"attribute must be one of {list(ATTRIBUTES)}, got {attribute!r}")
 
 
 def _value(spec: PromptSpec, attribute: str):
-    return {"background": spec.background, "object_color": spec.color, "position": (spec.row, spec.col)}[attribute]
+    return {"background": spec.background, "object_color": spec.color, "position": (spec.row, spec.col),
+            "shape": spec.shape}[attribute]
 
 
 def swapped(spec: PromptSpec, attribute: str, rng: np.random.Generator) -> PromptSpec:
@@ -55,6 +58,8 @@ def swapped(spec: PromptSpec, attribute: str, rng: np.random.Generator) -> Promp
         return dataclasses.replace(spec, background=value)
     if attribute == "object_color":
         return dataclasses.replace(spec, color=value)
+    if attribute == "shape":
+        return dataclasses.replace(spec, shape=value)
     return dataclasses.replace(spec, row=value[0], col=value[1])
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 # Segmenting by colour: half the demo data's guaranteed distance between object and background colours (80).
 DEFAULT_TOLERANCE = 40.0
-_STAR_INNER = 0.45  # inner/outer radius of the demo data's star (demo_data._shape_points)
+_STAR_INNER = 0.45  # inner/outer radius of the demo data's star (demo_data.shape_points)
 
 
 def as_hwc(image) -> np.ndarray:

@@ -9,9 +9,11 @@ generator's palettes are built so that pixels alone tell them apart: object colo
 - object pixels: those farther than half that distance from every shade of the winning background;
 - object colour: the object pixels vote for the nearest object palette colour;
 - position: the centre of the winning colour's pixels (midpoint of their 2nd and 98th percentiles, robust to stray
-  pixels and unbiased for a triangle, unlike the centroid) → the 3×3 cell, with the thirds the generator captions by.
+  pixels and unbiased for a triangle, unlike the centroid) → the 3×3 cell, with the thirds the generator captions by;
+- shape: the outline (circle, square, triangle, diamond, star, hexagon) that best overlaps the object's largest blob
+  when fitted to its box (shape_reader.py); none when no outline fits.
 
-Scores are accuracies against the prompt, next to their chance levels (1/7, 1/6, 1/9). A coarser measure,
+Scores are accuracies against the prompt, next to their chance levels (1/7, 1/6, 1/9, 1/6). A coarser measure,
 ``background_lightness_auc``, asks only whether backgrounds prompted light (white, beige) are drawn lighter than those
 prompted dark (black, blue, brown): over every such pair of images, the share in which the light one's border is
 brighter (chance 0.5). A young model gets the lightness right long before the exact hue, so this is the measure a
@@ -29,11 +31,12 @@ import numpy as np
 
 from stages.data.demo_data import (BACKGROUND_COLORS, BACKGROUND_KINDS, MIN_COLOR_DISTANCE, OBJECT_COLORS,
                                    POSITION_PHRASES, SHAPES, background_shades, caption_for)
+from stages.evaluate.shape_reader import read_shape
 
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 CELL_OF_PHRASE = {phrase: cell for cell, phrase in POSITION_PHRASES.items()}
 CHANCE = {"object_color": 1 / len(OBJECT_COLORS), "background": 1 / len(BACKGROUND_COLORS),
-          "position": 1 / len(POSITION_PHRASES)}
+          "position": 1 / len(POSITION_PHRASES), "shape": 1 / len(SHAPES)}
 # Rec. 601 luma; backgrounds whose palette colour is above / below mid-gray count as light / dark (gray is neither).
 _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
 LIGHT_BACKGROUNDS = tuple(n for n, rgb in BACKGROUND_COLORS.items() if float(np.dot(rgb, _LUMA)) > 140)
@@ -72,6 +75,7 @@ class Reading:
     col: str | None
     object_share: float
     border_lightness: float  # mean luma of the border pixels, 0-255
+    shape: str | None = None
 
 
 _BG_NAMES = list(BACKGROUND_COLORS)
@@ -132,7 +136,8 @@ def read_image(image) -> Reading:
     cx = (np.percentile(xs, 2) + np.percentile(xs, 98) + 1) / 2 / w
     row = ROWS[min(2, int(cy * 3))]
     col = COLS[min(2, int(cx * 3))]
-    return Reading(_BG_NAMES[background], _OBJ_NAMES[color], row, col, share, lightness)
+    shape = read_shape(off_background.reshape(h, w))
+    return Reading(_BG_NAMES[background], _OBJ_NAMES[color], row, col, share, lightness, shape)
 
 
 def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
@@ -144,9 +149,11 @@ def score(readings: Iterable[Reading], specs: Iterable[PromptSpec]) -> dict:
     object_color = sum(r.object_color == s.color for r, s in pairs) / n
     background = sum(r.background == s.background for r, s in pairs) / n
     position = sum((r.row, r.col) == (s.row, s.col) for r, s in pairs) / n
+    shape = sum(r.shape == s.shape for r, s in pairs) / n
     return {"object_color_accuracy": object_color, "background_accuracy": background, "position_accuracy": position,
-            "object_color_chance": CHANCE["object_color"], "background_chance": CHANCE["background"],
-            "position_chance": CHANCE["position"], "num_images": n,
+            "shape_accuracy": shape, "object_color_chance": CHANCE["object_color"],
+            "background_chance": CHANCE["background"], "position_chance": CHANCE["position"],
+            "shape_chance": CHANCE["shape"], "num_images": n,
             "background_lightness_auc": lightness_auc(pairs), "background_lightness_chance": 0.5}
 
 
@@ -229,7 +236,7 @@ def _position_phrase(cx: float, cy: float) -> str:
 def labelled_grid(images: list, specs: list[PromptSpec], readings: list[Reading], columns: int = 8,
                   tile: int = 128):
     """A PIL grid: each image enlarged to ``tile`` px with what was asked and a mark per attribute
-    (C colour, B background, P position; green = read as asked, red = not)."""
+    (C colour, B background, P position, S shape; green = read as asked, red = not)."""
     from PIL import Image, ImageDraw
 
     if not images:
@@ -244,9 +251,9 @@ def labelled_grid(images: list, specs: list[PromptSpec], readings: list[Reading]
         draw.text((x + 2, y + tile + 1), f"{spec.color} {spec.shape}", fill=(0, 0, 0))
         draw.text((x + 2, y + tile + 15), f"{spec.row[0]}{spec.col[0]} / {spec.background}", fill=(0, 0, 0))
         marks = (("C", reading.object_color == spec.color), ("B", reading.background == spec.background),
-                 ("P", (reading.row, reading.col) == (spec.row, spec.col)))
+                 ("P", (reading.row, reading.col) == (spec.row, spec.col)), ("S", reading.shape == spec.shape))
         for j, (letter, ok) in enumerate(marks):
-            draw.text((x + tile - 30 + 10 * j, y + tile + 15), letter, fill=(0, 150, 0) if ok else (200, 0, 0))
+            draw.text((x + tile - 40 + 10 * j, y + tile + 15), letter, fill=(0, 150, 0) if ok else (200, 0, 0))
     return grid
 
 

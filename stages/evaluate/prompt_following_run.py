@@ -219,13 +219,16 @@ def evaluate_prompt_following(cfg, ctx) -> tuple[dict, dict[str, bytes]]:
     files = {"prompt_following.json": json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"),
              "prompt_following_grid.png": buf.getvalue()}
     log.info("prompt following (%s, %d prompts): object colour %.2f (chance %.2f), background %.2f (chance %.2f), "
-             "position %.2f (chance %.2f), background lightness AUC %s (chance 0.5); the reader on real images: "
-             "%.2f / %.2f / %.2f", source, len(prompts),
+             "position %.2f (chance %.2f), shape %.2f (chance %.2f), background lightness AUC %s (chance 0.5); the "
+             "reader on real images: %.2f / %.2f / %.2f / %.2f", source, len(prompts),
              scores["object_color_accuracy"], scores["object_color_chance"], scores["background_accuracy"],
              scores["background_chance"], scores["position_accuracy"], scores["position_chance"],
+             scores["shape_accuracy"], scores["shape_chance"],
              "n/a" if scores["background_lightness_auc"] is None else f"{scores['background_lightness_auc']:.2f}",
-             reader["object_color_accuracy"], reader["background_accuracy"], reader["position_accuracy"])
+             reader["object_color_accuracy"], reader["background_accuracy"], reader["position_accuracy"],
+             reader["shape_accuracy"])
     log.info("conditioning use (x0 error with the wrong word vs the true caption, %d held-out images): background "
-             "%+.1f%% (z %.1f), object colour %+.1f%% (z %.1f), position %+.1f%% (z %.1f)", use["num_images"],
+             "%+.1f%% (z %.1f), object colour %+.1f%% (z %.1f), position %+.1f%% (z %.1f), shape %+.1f%% (z %.1f)",
+             use["num_images"],
              *[value for a in ATTRIBUTES for value in (100 * use[a]["gain"], use[a]["z"])])
     return summary, files

@@ -180,14 +180,15 @@ def evaluate_prompt_following(cfg: DictConfig, ctx: StageContext) -> dict:
     """The known-answer prompt-following score of a model trained on demo data (prompt_following_run.py)."""
     from stages.evaluate import report
     from stages.evaluate.generate import CheckpointRef
+    from stages.evaluate.conditioning_use import ATTRIBUTES
     from stages.evaluate.prompt_following_run import evaluate_prompt_following as run_score
 
     summary, files = run_score(cfg, ctx)
     metrics = {f"prompt_following_{name}": summary[name]
-               for name in ("object_color_accuracy", "background_accuracy", "position_accuracy",
+               for name in ("object_color_accuracy", "background_accuracy", "position_accuracy", "shape_accuracy",
                             "background_lightness_auc") if summary.get(name) is not None}
     use = summary["conditioning_use"]
-    for attribute in ("background", "object_color", "position"):
+    for attribute in ATTRIBUTES:
         metrics[f"conditioning_use_{attribute}_gain"] = use[attribute]["gain"]
         metrics[f"conditioning_use_{attribute}_z"] = use[attribute]["z"]
     ref = CheckpointRef(summary["source"], tag="prompt_following")

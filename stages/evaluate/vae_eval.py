@@ -26,6 +26,7 @@ from stages.evaluate import metrics
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("psnr", "ssim", "lpips", "rfid", "num_images")
+READBACK_KEYS = ("object_color", "background", "position", "shape")  # what the demo reader reads back
 
 
 @torch.no_grad()
@@ -76,7 +77,8 @@ class ReconstructionScores:
 
 class ReadbackAgreement:
     """Demo-reader agreement between originals and their reconstructions (see the module docstring). Object colour
-    and position count only the originals in which the reader finds an object (a centre crop can cut it away)."""
+    and position count only the originals in which the reader finds an object (a centre crop can cut it away), shape
+    only those in which it reads a shape (a cut-off object fits no outline)."""
 
     def __init__(self):
         self.pairs: list[tuple] = []
@@ -94,11 +96,13 @@ class ReadbackAgreement:
         if not self.pairs:
             raise ValueError("no reconstructions to read back")
         with_object = [(o, r) for o, r in self.pairs if o.object_color is not None]
+        with_shape = [(o, r) for o, r in self.pairs if o.shape is not None]
         share = (lambda hits, total: sum(hits) / total if total else None)
         return {"object_color": share((o.object_color == r.object_color for o, r in with_object), len(with_object)),
                 "background": share((o.background == r.background for o, r in self.pairs), len(self.pairs)),
                 "position": share(((o.row, o.col) == (r.row, r.col) for o, r in with_object), len(with_object)),
-                "num_images": len(self.pairs), "num_with_object": len(with_object)}
+                "shape": share((o.shape == r.shape for o, r in with_shape), len(with_shape)),
+                "num_images": len(self.pairs), "num_with_object": len(with_object), "num_with_shape": len(with_shape)}
 
 
 def is_demo_vocabulary(prompts: list[str]) -> bool:
@@ -170,13 +174,12 @@ def evaluate_vae(cfg: DictConfig, ctx: StageContext) -> dict:
                 f"rFID features: {net_weights}. LPIPS: {lpips_state}.")
     read = readback.result() if readback is not None else "skipped: the held-out captions are not demo data"
     if isinstance(read, dict):
-        flat.update({f"vae_readback_{k}": read[k] for k in ("object_color", "background", "position")})
+        flat.update({f"vae_readback_{k}": read[k] for k in READBACK_KEYS if read[k] is not None})
         preamble += (" Demo reader on reconstructions vs originals (a ceiling on the base's prompt-following): "
-                     + ", ".join(f"{k.replace('_', ' ')} {_fmt(read[k])}" for k in ("object_color", "background",
-                                                                                     "position")) + ".")
-        log.info("autoencoder read-back on %d held-out demo images (%d with an object): object colour %s, "
-                 "background %s, position %s", read["num_images"], read["num_with_object"],
-                 _fmt(read["object_color"]), _fmt(read["background"]), _fmt(read["position"]))
+                     + ", ".join(f"{k.replace('_', ' ')} {_fmt(read[k])}" for k in READBACK_KEYS) + ".")
+        log.info("autoencoder read-back on %d held-out demo images (%d with an object, %d with a shape): object "
+                 "colour %s, background %s, position %s, shape %s", read["num_images"], read["num_with_object"],
+                 read["num_with_shape"], *[_fmt(read[k]) for k in READBACK_KEYS])
     summary = {"kind": "vae", "checkpoint": ref.description, "vae_source": vae_source,
                "feature_weights": net_weights, "lpips": lpips_state, "num_references": row["num_images"],
                "reference_rejects": len(rejects), "rows": [row], "readback": read, "metrics": flat}

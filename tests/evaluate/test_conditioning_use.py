@@ -57,7 +57,7 @@ def test_a_denoiser_that_reads_the_background_word_gains_on_it_alone():
     use = conditioning_use(BackgroundOracle(levels), _encode_background, latents, specs, time_ids, batch_size=16)
     assert use["num_images"] == 40 and use["background"]["gain"] > 1.0 and use["background"]["z"] > 3
     # a wrong colour or cell leaves the background word, so this denoiser's error is exactly unchanged
-    assert use["object_color"]["gain"] == 0.0 and use["position"]["gain"] == 0.0
+    assert use["object_color"]["gain"] == 0.0 and use["position"]["gain"] == 0.0 and use["shape"]["gain"] == 0.0
     assert set(use["background"]["gain_per_timestep"]) == {300, 500, 700, 900}
 
 
@@ -82,7 +82,7 @@ def test_swapped_changes_exactly_one_attribute():
             other = swapped(spec, attribute, rng)
             changed = {name for name in ("color", "shape", "background", "background_kind", "row", "col")
                        if getattr(other, name) != getattr(spec, name)}
-            expected = {"background": {"background"}, "object_color": {"color"}}.get(attribute)
+            expected = {"background": {"background"}, "object_color": {"color"}, "shape": {"shape"}}.get(attribute)
             assert changed == expected if expected else (changed and changed <= {"row", "col"})
             assert spec_from_caption(other.prompt) == other  # still a caption of the demo vocabulary
 
@@ -94,7 +94,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="timesteps"):
         conditioning_use(BackgroundOracle(levels), _encode_background, latents, specs, time_ids, timesteps=(1000,))
     with pytest.raises(ValueError, match="attribute"):
-        swapped(specs[0], "shape", np.random.default_rng(0))
+        swapped(specs[0], "size", np.random.default_rng(0))
 
 
 @pytest.mark.slow  # a tiny random UNet samples 9 prompts and denoises 8 held-out images 16 times: ~20 s
@@ -120,5 +120,7 @@ def test_the_prompt_following_stage_reports_conditioning_use_and_logs_it(tmp_pat
         assert np.isfinite(use[attribute]["gain"]) and np.isfinite(use[attribute]["z"])
     logged = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).get_run(tracker.run_id).data.metrics
     assert logged["conditioning_use_background_gain"] == pytest.approx(use["background"]["gain"])
+    assert logged["conditioning_use_shape_z"] == pytest.approx(use["shape"]["z"])
     assert logged["prompt_following_background_accuracy"] == pytest.approx(summary["background_accuracy"])
+    assert logged["prompt_following_shape_accuracy"] == pytest.approx(summary["shape_accuracy"])
     assert os.path.isfile(os.path.join(summary["output_dir"], "prompt_following.json"))

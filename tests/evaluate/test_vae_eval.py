@@ -91,6 +91,7 @@ def test_readback_of_a_perfect_and_a_hue_shifting_autoencoder():
     result = perfect.result()
     assert result["num_images"] == result["num_with_object"] == 14
     assert result["object_color"] == result["background"] == result["position"] == 1.0
+    assert result["shape"] == 1.0 and result["num_with_shape"] >= 12  # a centre crop may cut an object's outline
     swapped = vae_eval.ReadbackAgreement()  # RGB → BRG: every hue moves, the shapes stay where they were
     swapped.add(originals, originals[:, [2, 0, 1]].float() / 255)
     shifted = swapped.result()
@@ -98,12 +99,12 @@ def test_readback_of_a_perfect_and_a_hue_shifting_autoencoder():
     assert shifted["object_color"] < 0.5 and shifted["background"] < 0.75
 
 
-def test_readback_counts_colour_and_position_only_where_the_original_shows_an_object():
+def test_readback_counts_colour_position_and_shape_only_where_the_original_shows_them():
     plain = torch.full((2, 3, 32, 32), 0, dtype=torch.uint8)  # black: a demo background, no object
     readback = vae_eval.ReadbackAgreement()
     readback.add(plain, plain.float() / 255)
-    assert readback.result() == {"object_color": None, "background": 1.0, "position": None, "num_images": 2,
-                                 "num_with_object": 0}
+    assert readback.result() == {"object_color": None, "background": 1.0, "position": None, "shape": None,
+                                 "num_images": 2, "num_with_object": 0, "num_with_shape": 0}
     with pytest.raises(ValueError, match="read back"):
         vae_eval.ReadbackAgreement().result()
 
@@ -132,5 +133,5 @@ def test_vae_stage_logs_reconstruction_metrics(tmp_path, alex_trunk):
     assert logged["vae_lpips"] > 0 and logged["vae_rfid"] >= 0
     # demo captions: the reader's agreement between originals and reconstructions is reported and logged
     assert summary["readback"]["num_images"] == summary["num_references"]
-    for key in ("object_color", "background", "position"):
+    for key in ("object_color", "background", "position", "shape"):
         assert f"vae_readback_{key}" in logged and 0 <= logged[f"vae_readback_{key}"] <= 1
