@@ -3,7 +3,7 @@
 The generator draws each shape axis-aligned from one outline (stages/data/demo_data.py: ``shape_points``, a circle
 for "circle"), so a shape is known up to its centre and size. The reader takes the mask's largest connected blob,
 fits every shape's outline to the blob's bounding box (each outline has its own box: a hexagon is wider than tall, a
-star's lower tips sit above its box's centre line by less than its top), renders it with anti-aliasing and keeps the
+triangle's or a star's box is not centred on the shape's centre), renders it with anti-aliasing and keeps the
 shape whose rendering overlaps the blob best (soft intersection over union). A blob that matches no outline well
 (below ``MIN_IOU``: a smear, two blobs, a cut-off object) reads as no shape, so a model scores only for shapes it
 draws.
