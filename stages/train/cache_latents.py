@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 
 import numpy as np
 import torch
@@ -86,6 +87,25 @@ def vae_identity(cfg) -> str:
         return f"{kind}:{source}"
     weights = storage.read_bytes(storage.join(source, DIFFUSERS_WEIGHTS))
     return f"trained:{source}@sha256:{hashlib.sha256(weights).hexdigest()[:16]}"
+
+
+def same_vae(have, want) -> bool:
+    """Whether two VAE identities name the same weights. A trained VAE is known by its weights' hash, not by where its
+    folder is: a copied or moved root keeps its caches (the folder in the identity only says where it came from)."""
+    if have == want:
+        return True
+    have, want = str(have or ""), str(want or "")
+    marker = "@sha256:"
+    if not (have.startswith("trained:") and want.startswith("trained:") and marker in have and marker in want):
+        return False
+    return have.rsplit(marker, 1)[1] == want.rsplit(marker, 1)[1]
+
+
+def identity_differences(existing: dict, identity: dict) -> list[str]:
+    """The keys in which two cache identities differ (the VAE compared by :func:`same_vae`)."""
+    identity = json.loads(json.dumps(identity))  # as it reads back from cache_info.json
+    return sorted(k for k in set(existing) | set(identity)
+                  if not (same_vae if k == "vae" else operator.eq)(existing.get(k), identity.get(k)))
 
 
 def key_seed(seed: int, key: str) -> list[int]:
@@ -193,9 +213,9 @@ def _check_or_write_info(cache_dir: str, identity: dict, replace_stale_models: b
     info_uri = storage.join(cache_dir, INFO_FILE)
     if storage.is_file(info_uri):
         existing = storage.read_json(info_uri).get("identity", {})
-        if existing == json.loads(json.dumps(identity)):
+        differs = identity_differences(existing, identity)
+        if not differs:
             return
-        differs = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
         if not (replace_stale_models and set(differs) <= MODEL_KEYS):
             raise ValueError(f"latent cache {info_uri} was made with other settings ({differs}); set "
                              f"loader.cache_name to a new name or delete {cache_dir}")

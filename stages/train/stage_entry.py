@@ -37,7 +37,7 @@ def check_shards(dataset_dir: str, shards) -> None:
 
 
 def check_cache(cfg) -> None:
-    from stages.train.cache_latents import INFO_FILE, vae_identity  # late: it imports torch and the model parts
+    from stages.train.cache_latents import INFO_FILE, identity_differences, vae_identity  # late: imports torch
 
     cache_dir = latent_cache_dir(cfg)
     info_uri = storage.join(cache_dir, INFO_FILE)
@@ -48,7 +48,8 @@ def check_cache(cfg) -> None:
     lc = cfg.loader
     expected = {"preset": str(cfg.model.preset), "resolution": int(lc.resolution),
                 "multi_aspect": bool(lc.multi_aspect), "vae": vae_identity(cfg)}
-    wrong = {k: (identity.get(k), v) for k, v in expected.items() if identity.get(k) != v}
+    differs = identity_differences({k: identity.get(k) for k in expected}, expected)
+    wrong = {k: (identity.get(k), expected[k]) for k in differs}
     if wrong:
         raise ValueError(f"latent cache {info_uri} was made for other settings: "
                          + ", ".join(f"{k}={have!r} (this stage: {want!r})" for k, (have, want) in wrong.items()))

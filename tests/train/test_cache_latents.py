@@ -155,3 +155,36 @@ def test_stage_runs_on_ray_data(root, ray_local, make_ctx):
     assert summary["samples"] == sum(BUCKETS.values()) and summary["encoded_files"] == summary["files"]
     again = run(cfg, make_ctx("cache_latents", root=root))
     assert again["encoded_files"] == 0
+
+
+def test_a_moved_root_keeps_its_cache_and_other_weights_are_still_refused(tmp_path):
+    """A trained VAE is known by its weights' hash: copying the whole root elsewhere (a scratch copy for an
+    experiment, a new bucket) keeps the cache valid for training and for the cache stage; changed weights do not."""
+    import shutil
+
+    from stages.train.stage_entry import check_cache
+    from stages.train.task_components import build_frozen_vae
+    from stages.train.tasks import final_dir
+
+    first = tmp_path / "first"
+    write_dataset(str(first / "data" / "default"), BUCKETS)
+    cfg = stage_cfg("cache_latents", str(first))
+    vae, _ = build_frozen_vae(cfg, torch.device("cpu"))
+    vae.save_pretrained(final_dir(cfg, "train_vae"))
+    fill_cache(cfg)
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    moved_cfg = stage_cfg("cache_latents", str(moved))
+    check_cache(stage_cfg("pretrain256", str(moved), overrides=["loader.cached=true"]))
+    _check_or_write_info(latent_cache_dir(moved_cfg), cache_identity(moved_cfg))  # not re-encoded, not refused
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)
+    vae.save_pretrained(final_dir(moved_cfg, "train_vae"))
+    with pytest.raises(ValueError, match="vae"):
+        check_cache(stage_cfg("pretrain256", str(moved), overrides=["loader.cached=true"]))
+    from stages.train.cache_latents import same_vae
+
+    assert same_vae("trained:/a/ema@sha256:00ff", "trained:/b/ema@sha256:00ff")
+    assert not same_vae("trained:/a/ema@sha256:00ff", "trained:/a/ema@sha256:11ee")
+    assert not same_vae("preset:tiny", "trained:/a/ema@sha256:00ff")
