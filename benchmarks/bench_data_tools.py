@@ -3,7 +3,8 @@
 Every measured run is a fresh process (``python -m benchmarks.bench_data_tools <side> ...``) that reports JSON: wall
 seconds, CPU seconds summed over itself and every process it started (Ray's raylet, GCS and workers, img2dataset's
 pool), its own peak RSS, and how many of its processes had loaded torch (a mapped libtorch). Both sides of a
-comparison run the same way, so interpreter start-up and imports count on both.
+comparison run the same way, so interpreter start-up and imports count on both. The meter's own polling (psutil over
+every process, four times a second: more processes on the pipeline's side) is left out of both sides' CPU.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class TreeMeter:
         self.cpu: dict[int, float] = {}
         self.names: dict[int, str] = {}
         self.torch_pids: set[int] = set()
+        self.meter_cpu_s = 0.0  # CPU of the sampling itself (it runs in the measured process), left out of cpu_s
+        self._meter_cpu_in_me = 0.0  # ... as much of it as this process's last reading already held
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -91,10 +94,17 @@ class TreeMeter:
         return self
 
     def sample(self, check_torch: bool = False) -> None:
+        started = time.thread_time()  # this thread's CPU: the polling thread's or the caller's
+        self._sample(check_torch, started)
+        self.meter_cpu_s += time.thread_time() - started
+
+    def _sample(self, check_torch: bool, started: float) -> None:
         for proc in [self.me, *self.me.children(recursive=True)]:
             try:
                 times = proc.cpu_times()
                 self.cpu[proc.pid] = times.user + times.system
+                if proc.pid == self.me.pid:
+                    self._meter_cpu_in_me = self.meter_cpu_s + time.thread_time() - started
                 if proc.pid not in self.names:
                     self.names[proc.pid] = _title(proc)
                 if check_torch and proc.pid not in self.torch_pids and any(
@@ -114,9 +124,11 @@ class TreeMeter:
 
     def report(self) -> dict[str, Any]:
         by_name: dict[str, float] = {}
-        for pid, cpu in self.cpu.items():  # where the CPU went: Ray's processes by their title, workers included
+        cpu_of = {**self.cpu, self.me.pid: max(0.0, self.cpu.get(self.me.pid, 0.0) - self._meter_cpu_in_me)}
+        for pid, cpu in cpu_of.items():  # where the CPU went: Ray's processes by their title, workers included
             by_name[self.names.get(pid, "?")] = round(by_name.get(self.names.get(pid, "?"), 0.0) + cpu, 2)
-        return {"wall_s": round(time.perf_counter() - self.started, 3), "cpu_s": round(sum(self.cpu.values()), 3),
+        return {"wall_s": round(time.perf_counter() - self.started, 3), "cpu_s": round(sum(cpu_of.values()), 3),
+                "meter_cpu_s": round(self.meter_cpu_s, 3),
                 "cpu_by_process": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
                 "processes": len(self.cpu), "processes_with_torch": len(self.torch_pids),
                 "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
