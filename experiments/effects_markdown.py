@@ -46,14 +46,20 @@ def _rel(path: str, out_dir: str) -> str:
 
 
 def _header(r: dict) -> list[str]:
-    lines = [f"Command: `{r['command']}` — {r['seconds']['total']:.0f} s in all ({r['seconds']['training']:.0f} s "
-             f"training), on {r['machine']}.", "",
+    # Complete steps are skipped on a re-run, so this call's own time says little; each step's marker keeps the
+    # seconds of the call that completed it.
+    chain_seconds = sum(info.get("seconds", 0) for info in r["training"].values())
+    lines = [f"Command: `{r['command']}` — this call {r['seconds']['total']:.0f} s ({r['seconds']['training']:.0f} s "
+             f"of it training; complete steps are skipped); the chain's steps took {chain_seconds:.0f} s when each "
+             f"ran, on {r['machine']}.", "",
              f"Sampling: our sampler (sdxl.sampling), {r['sampler']}, {r['sample_steps']} steps, guidance "
              f"{r['guidance_scale']}; {r['seeds']} samples per setting, sample i from initial-noise seed i in every "
              "setting (so settings differ only in what is varied). Held-out prompts: demo vocabulary, seed 1. "
              "Intervals: 95% bootstrap.", "", "Training (the shipped stages, `stage=paper_effects`):", ""]
-    rows = [[step, _num(info.get("step")), _num(info.get("samples"))] for step, info in r["training"].items()]
-    return lines + _table(["step", "steps trained", "samples (images)"], rows) + [""]
+    rows = [[step, _num(info.get("step")), _num(info.get("samples")),
+             _num(None if info.get("seconds") is None else round(info["seconds"]))]
+            for step, info in r["training"].items()]
+    return lines + _table(["step", "steps trained", "samples (images)", "seconds"], rows) + [""]
 
 
 def _crop(r: dict, out_dir: str) -> list[str]:

@@ -29,11 +29,11 @@ REFINER_SCORE = 5.0  # the loader's score for unscored data: the only aesthetic 
 @dataclass
 class EffectModels:
     bases: dict  # name → base UNet (EMA weights)
-    refiner: torch.nn.Module
+    refiner: torch.nn.Module | None  # None when loaded without it (experiments/layout_probe.py)
     vae: torch.nn.Module
     vae_scale: float
     conditioner: torch.nn.Module  # the base's CLIP-L + bigG, zeros as the unconditional input
-    refiner_conditioner: torch.nn.Module  # bigG, "" as the unconditional input
+    refiner_conditioner: torch.nn.Module | None  # bigG, "" as the unconditional input
     resolution: int
     sample_steps: int
     guidance_scale: float
@@ -50,23 +50,25 @@ def chain_config(root: str, overrides: list[str] = ()):
     return compose(config_name="config", overrides=[f"paths.root={root}", *overrides, "stage=paper_effects"])
 
 
-def train_models(root: str) -> dict:
-    """Run the chain under ``root`` (complete steps are skipped) as the CLI does: ``execute`` starts the embedded
-    Ray (pipeline/ray_env.py) when none is running. The workflow's result."""
+def train_models(root: str, chain_overrides: list[str] = ()) -> dict:
+    """Run the chain under ``root`` (complete steps are skipped) as the CLI does, with ``chain_overrides`` such as
+    ``workflow.layout_steps=2400``: ``execute`` starts the embedded Ray (pipeline/ray_env.py) when none is running.
+    The workflow's result."""
     from hydra import initialize_config_dir
 
     from pipeline.dispatch import execute
 
-    overrides = [f"paths.root={root}"]
+    overrides = [f"paths.root={root}", *chain_overrides]
     with initialize_config_dir(config_dir=CONF, version_base=None):
         return execute("paper_effects", chain_config(root, overrides), overrides=overrides)
 
 
-def step_configs(root: str, steps) -> dict:
+def step_configs(root: str, steps, chain_overrides: list[str] = ()) -> dict:
     """The composed configs the workflow gives ``steps`` (each one's per-step overrides on the stage it aliases)."""
     from pipeline import workflow
 
-    chain = {step: (stage, extra) for step, stage, extra in workflow.chain_steps(chain_config(root), root)}
+    cfg = chain_config(root, chain_overrides)
+    chain = {step: (stage, extra) for step, stage, extra in workflow.chain_steps(cfg, root)}
     return {step: workflow.compose_stage_config(chain[step][0], [], chain[step][1]) for step in steps}
 
 
@@ -74,7 +76,11 @@ def _final_ema(step_cfg, stage: str) -> str:
     return storage.join(str(step_cfg.paths.root), "runs", stage, "final", "ema")
 
 
-def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: float) -> EffectModels:
+def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: float, bases: dict | None = None,
+                with_refiner: bool = True) -> EffectModels:
+    """The chain's trained models under ``root``. ``bases`` maps a name to the (chain step, stage) whose final EMA
+    weights to load (default: every base of BASES after its detail phase, ``pretrain512``); the frozen autoencoder
+    and text encoders come from the first base's step config."""
     from hydra import initialize_config_dir
 
     from sdxl.latent_scale import vae_scaling_factor
@@ -82,22 +88,27 @@ def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: f
     from stages.train.task_components import build_frozen_parts
     from stages.train.tasks import load_module_weights
 
+    bases = bases or {name: (name, "pretrain512") for name in BASES}
+    steps = {step for step, _ in bases.values()} | ({"refiner"} if with_refiner else set())
     with initialize_config_dir(config_dir=CONF, version_base=None):
-        configs = step_configs(root, (*BASES, "refiner"))
+        configs = step_configs(root, sorted(steps))
         demo_dir = str(chain_config(root).demo.out_dir)
     device = torch.device("cpu")
-    bases = {}
-    for name in BASES:
-        unet = build_unet(str(configs[name].model.preset), "base", seed=0)
-        load_module_weights(unet, _final_ema(configs[name], "pretrain512"))
-        bases[name] = unet.eval().requires_grad_(False)
-    refiner = build_unet(str(configs["refiner"].model.preset), "refiner", seed=0)
-    load_module_weights(refiner, _final_ema(configs["refiner"], "train_refiner"))
-    frozen = build_frozen_parts(configs["size_cond"], "base", device)
+    loaded = {}
+    for name, (step, stage) in bases.items():
+        unet = build_unet(str(configs[step].model.preset), "base", seed=0)
+        load_module_weights(unet, _final_ema(configs[step], stage))
+        loaded[name] = unet.eval().requires_grad_(False)
+    refiner = refiner_text = None
+    if with_refiner:
+        refiner = build_unet(str(configs["refiner"].model.preset), "refiner", seed=0)
+        load_module_weights(refiner, _final_ema(configs["refiner"], "train_refiner"))
+        refiner = refiner.eval().requires_grad_(False)
+        refiner_text = build_frozen_parts(configs["refiner"], "refiner", device).conditioner
+    frozen = build_frozen_parts(configs[next(iter(bases.values()))[0]], "base", device)
     frozen.conditioner.force_zeros_for_empty_prompt = True  # what the base trained with (SPEC)
-    refiner_text = build_frozen_parts(configs["refiner"], "refiner", device).conditioner
     real, sizes, captions = _training_images(demo_dir, limit=600)
-    return EffectModels(bases=bases, refiner=refiner.eval().requires_grad_(False), vae=frozen.vae,
+    return EffectModels(bases=loaded, refiner=refiner, vae=frozen.vae,
                         vae_scale=vae_scaling_factor(frozen.vae), conditioner=frozen.conditioner,
                         refiner_conditioner=refiner_text, resolution=resolution, sample_steps=sample_steps,
                         guidance_scale=guidance_scale, real_images=real, real_sizes=sizes, real_captions=captions,

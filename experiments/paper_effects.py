@@ -1,6 +1,6 @@
 """The SDXL report's conditioning effects, measured on models that the shipped stages train, in one command.
 
-    python experiments/paper_effects.py [--root DIR] [--out DIR] [--seeds N] [--skip-training]
+    python experiments/paper_effects.py [--root DIR] [--out DIR] [--seeds N] [--layout-steps N] [--skip-training]
 
 1. Trains the models of ``stage=paper_effects`` (pipeline/conf/stage/paper_effects.yaml) through the real stages
    on an embedded Ray: central-subject demo data at toy sizes → `stage=data` shards → the autoencoder → a 32-px
@@ -59,16 +59,16 @@ def expected_position(offset: int) -> float:
     return (scaled_long / 2 - offset) / RESOLUTION
 
 
-def experiment_crop(models: EffectModels, prompts: list[str], seeds: list[int]) -> dict:
+def experiment_crop(models: EffectModels, prompts: list[str], seeds: list[int], base: str = "size_cond") -> dict:
     rows, grids = [], []
     for offset in CROP_OFFSETS:
         settings = [crop_setting(offset, i) for i in range(len(seeds))]
-        images = sample(models, "size_cond", prompts, seeds, [s[0] for s in settings], [s[1] for s in settings])
+        images = sample(models, base, prompts, seeds, [s[0] for s in settings], [s[1] for s in settings])
         grids.append(images)
         for image, (_, _, axis) in zip(images, settings):
             rows.append({"offset": offset, "expected": expected_position(offset),
                          **report.position_measures(image, axis)})
-    square = sample(models, "size_cond", prompts, seeds, [(64, 64)] * len(seeds), [(0, 0)] * len(seeds))
+    square = sample(models, base, prompts, seeds, [(64, 64)] * len(seeds), [(0, 0)] * len(seeds))
     grids.insert(0, square)
     square_rows = [report.position_measures(image, 0) for image in square]
     summary = report.crop_statistics(rows, square_rows, CROP_OFFSETS)
@@ -114,8 +114,9 @@ def experiment_refiner(models: EffectModels, specs: list, seeds: list[int], real
 def run(args) -> dict:
     started = time.time()
     root = os.path.abspath(args.root)
+    chain = [] if args.layout_steps is None else [f"workflow.layout_steps={args.layout_steps}"]
     if not args.skip_training:
-        train_models(root)
+        train_models(root, chain)
     trained = time.time() - started
     torch.manual_seed(0)
     models = load_models(root, resolution=RESOLUTION, sample_steps=args.sample_steps,
@@ -125,7 +126,7 @@ def run(args) -> dict:
     central = [spec.prompt for spec in report.centred(specs)]
     out_dir = os.path.abspath(args.out)
     results = {
-        "command": "python experiments/paper_effects.py" + (" --skip-training" if args.skip_training else ""),
+        "command": args.command,
         "root": root, "seeds": len(seeds), "sample_steps": args.sample_steps, "guidance_scale": args.guidance,
         "sampler": models.sampler, "training": models.training_summary,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
@@ -158,17 +159,35 @@ def run(args) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
+def command_line(args, parser: argparse.ArgumentParser) -> str:
+    """The command that reproduces these results: the script with every option that changes them (not where the
+    root and the page are)."""
+    parts = ["python experiments/paper_effects.py"]
+    for dest in ("layout_steps", "seeds", "sample_steps", "guidance"):
+        if getattr(args, dest) != parser.get_default(dest):
+            parts.append(f"--{dest.replace('_', '-')} {getattr(args, dest)}")
+    return " ".join(parts + (["--skip-training"] if args.skip_training else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=os.path.join(REPO, "outputs", "paper_effects"))
     parser.add_argument("--out", default=os.path.join(REPO, "docs"))
     parser.add_argument("--seeds", type=int, default=128, help="samples per setting")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--layout-steps", type=int, default=None,
+                        help="steps of each base's layout phase (default: the chain's workflow.layout_steps, 600)")
     parser.add_argument("--skip-training", action="store_true", help="measure the models already under --root")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.seeds < 4:
         parser.error("--seeds must be >= 4")
+    args.command = command_line(args, parser)
     os.chdir(REPO)
     results = run(args)
     print(effects_markdown.summary_lines(results))

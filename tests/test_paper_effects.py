@@ -36,6 +36,23 @@ def test_the_chain_gives_each_variant_its_own_root_and_what_table_2_varies(tmp_p
     assert cfg["refiner"].train.task == "refiner" and list(cfg["refiner"].train.t_range) == [0, 200]
 
 
+def test_layout_steps_set_every_layout_phase_and_reach_the_recorded_command(tmp_path):
+    root = str(tmp_path / "pe")
+    layouts = ("size_cond_layout", "no_size_cond_layout", "large_only_layout")
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        default = effects_models.step_configs(root, (*layouts, "size_cond"))
+        longer = effects_models.step_configs(root, (*layouts, "size_cond"), ["workflow.layout_steps=2400"])
+    for step in layouts:
+        assert default[step].train.max_steps == default[step].train.checkpoint_every == 600
+        assert longer[step].train.max_steps == longer[step].train.checkpoint_every == 2400
+    assert longer["size_cond"].train.max_steps == default["size_cond"].train.max_steps == 600  # detail phase kept
+    parser = paper_effects.build_parser()
+    assert paper_effects.command_line(parser.parse_args([]), parser) == "python experiments/paper_effects.py"
+    args = parser.parse_args(["--layout-steps", "2400", "--seeds", "128", "--sample-steps", "5", "--skip-training"])
+    assert paper_effects.command_line(args, parser) == (
+        "python experiments/paper_effects.py --layout-steps 2400 --sample-steps 5 --skip-training")
+
+
 def _save_random_models(root: str) -> None:
     """Random-weight models where the chain leaves its own, and a few generated training images."""
     from sdxl.models import build_unet, build_vae
