@@ -8,6 +8,10 @@ and ``final/info.json`` record an ``inputs_hash``; before training, a run folder
 the current inputs is moved aside to ``<run>.replaced-<UTC time>`` (kept, not deleted: it may hold GPU-months of
 work) and the stage starts over. A run written before the hash existed carries none: it is set aside only when its
 parent's weights were written after it, and otherwise continued as before.
+
+A changed config only warns, so that raising ``train.max_steps`` continues a run. But a run that already reached the
+new ``max_steps`` under another config would train no step at all and hand back the old settings' weights as this
+config's result (a chain step re-run after its learning rate changed, say); such a run is set aside the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import logging
 import os
 import posixpath
 import time
+
+from omegaconf import OmegaConf
 
 from pipeline import storage
 from stages.train import checkpointing
@@ -71,11 +77,15 @@ def stage_inputs(cfg, init: str | None = None) -> dict[str, str]:
 
 
 def prepare_run(cfg, run_dir: str, final_dir: str) -> str:
-    """The stage's inputs_hash, after setting aside a run in ``run_dir`` / ``final_dir`` made from other inputs."""
+    """The stage's inputs_hash, after setting aside a run in ``run_dir`` / ``final_dir`` made from other inputs, or
+    one finished under another config that continuing would not train."""
     parent = resolve_init_from(cfg)
     inputs = stage_inputs(cfg, parent)
     current = inputs_hash(inputs)
-    set_aside_stale_run(run_dir, final_dir, current, inputs, parent)
+    if set_aside_stale_run(run_dir, final_dir, current, inputs, parent) is None:
+        # The hash the training loop records in each checkpoint (stages.train.loop), from the same container.
+        cfg_hash = checkpointing.config_hash(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+        set_aside_finished_run(run_dir, final_dir, cfg_hash, int(cfg.train.max_steps))
     return current
 
 
@@ -131,13 +141,39 @@ def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict
         if not _older_than_parent(records, parent):
             return None
         stale = [f"none recorded, and {parent} is newer than the run"]
+    target = _move_aside(run_dir, final_dir)
+    log.warning("%s was made from other inputs (recorded inputs_hash %s; now %s: %s); starting the stage over. "
+                "The old run is kept at %s", run_dir, ", ".join(stale), current, json.dumps(inputs, sort_keys=True),
+                target)
+    return target
+
+
+def set_aside_finished_run(run_dir: str, final_dir: str, cfg_hash: str, max_steps: int) -> str | None:
+    """Move the run aside when its newest checkpoint was written under another config hash at a step the current
+    ``max_steps`` does not exceed (resuming it would train nothing); returns where it went, or None."""
+    checkpoints = checkpointing.list_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    try:
+        meta = storage.read_json(storage.join(checkpoints[0], checkpointing.META_FILE))
+    except (OSError, ValueError):  # a corrupted checkpoint is the resume logic's business
+        return None
+    saved, step = meta.get("config_hash"), meta.get("step")
+    if saved is None or saved == cfg_hash or step is None or int(step) < max_steps:
+        return None
+    target = _move_aside(run_dir, final_dir)
+    log.warning("%s finished at step %s under another config (hash %s, now %s); with train.max_steps=%d, resuming "
+                "it would train no step and keep its weights, so the stage starts over. The old run is kept at %s",
+                run_dir, step, saved, cfg_hash, max_steps, target)
+    return target
+
+
+def _move_aside(run_dir: str, final_dir: str) -> str:
+    """Move ``run_dir`` (and ``final_dir`` when it lies elsewhere) to ``<run_dir>.replaced-<UTC time>``."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = f"{str(run_dir).rstrip('/')}.replaced-{stamp}"
     if storage.exists(run_dir):
         storage.move(run_dir, target)
     if not _inside(final_dir, run_dir) and storage.exists(final_dir):
         storage.move(final_dir, storage.join(target, "final"))
-    log.warning("%s was made from other inputs (recorded inputs_hash %s; now %s: %s); starting the stage over. "
-                "The old run is kept at %s", run_dir, ", ".join(stale), current, json.dumps(inputs, sort_keys=True),
-                target)
     return target

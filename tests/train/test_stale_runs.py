@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from pipeline import storage
 from pipeline.context import StageContext
-from stages.train.stage_inputs import inputs_hash, set_aside_stale_run, stage_inputs, weights_identity
+from stages.train.stage_inputs import (inputs_hash, set_aside_finished_run, set_aside_stale_run, stage_inputs,
+                                      weights_identity)
 from tests.train.toy_task import toy_cfg
 
 
@@ -80,6 +81,34 @@ def test_a_run_from_other_inputs_is_moved_aside_and_the_same_inputs_kept(tmp_pat
     assert os.path.isfile(os.path.join(moved, "final", "info.json"))
 
 
+def _checkpoint(run_dir: str, step: int, config_hash: str | None) -> None:
+    path = os.path.join(run_dir, f"checkpoint_{step:09d}", "meta.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"step": step, **({"config_hash": config_hash} if config_hash else {})}, f)
+
+
+def test_a_run_finished_under_another_config_is_moved_aside(tmp_path):
+    run_dir = str(tmp_path / "runs" / "child")
+    final = os.path.join(run_dir, "final")
+    _checkpoint(run_dir, 300, "old")
+    _checkpoint(run_dir, 600, "old")
+    # Same config: a finished run is kept (a re-run returns it); more steps under another config continue it.
+    assert set_aside_finished_run(run_dir, final, "old", 600) is None
+    assert set_aside_finished_run(run_dir, final, "new", 900) is None
+    assert os.path.isdir(run_dir)
+    moved = set_aside_finished_run(run_dir, final, "new", 600)  # nothing left to train under the new settings
+    assert moved and not os.path.exists(run_dir)
+    assert os.path.isfile(os.path.join(moved, "checkpoint_000000600", "meta.json"))
+
+
+def test_a_checkpoint_without_a_config_hash_is_continued(tmp_path):
+    run_dir = str(tmp_path / "runs" / "child")
+    _checkpoint(run_dir, 600, None)
+    assert set_aside_finished_run(run_dir, os.path.join(run_dir, "final"), "new", 600) is None
+    assert set_aside_finished_run(str(tmp_path / "nothing"), str(tmp_path / "nothing" / "final"), "new", 1) is None
+
+
 def _age(path: str, seconds_ago: float) -> None:
     stamp = time.time() - seconds_ago
     os.utime(path, (stamp, stamp))
@@ -146,3 +175,24 @@ def test_rerun_after_the_parent_was_retrained_starts_over(tmp_path, ray_local):
         info["inputs_hash"]
     (moved,) = glob.glob(os.path.join(root, "runs", "child.replaced-*"))
     assert storage.read_json(os.path.join(moved, "final", "info.json"))["inputs_hash"] == info["inputs_hash"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_stage_under_changed_settings_trains_again(tmp_path, ray_local):
+    from stages.train.trainer import run_training
+
+    root = str(tmp_path / "root")
+    ctx = StageContext(root=root, stage="child")
+    info_path = os.path.join(root, "runs", "child", "final", "info.json")
+    assert run_training(toy_cfg(root, max_steps=2), ctx)["step"] == 2
+    first = storage.read_json(info_path)
+    mtime = os.path.getmtime(info_path)
+    run_training(toy_cfg(root, max_steps=2), ctx)  # nothing changed: the finished run is handed back untouched
+    assert os.path.getmtime(info_path) == mtime and not glob.glob(os.path.join(root, "runs", "child.replaced-*"))
+    # Another learning rate at the same max_steps: without the check this resumed step 2, trained nothing and kept
+    # the old weights (and their final/info.json) as the new settings' result.
+    assert run_training(toy_cfg(root, max_steps=2, lr=5e-3), ctx)["step"] == 2
+    second = storage.read_json(info_path)
+    assert second["config_hash"] != first["config_hash"] and second["step"] == 2
+    (moved,) = glob.glob(os.path.join(root, "runs", "child.replaced-*"))
+    assert storage.read_json(os.path.join(moved, "final", "info.json"))["config_hash"] == first["config_hash"]
