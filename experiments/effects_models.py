@@ -92,7 +92,8 @@ def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: f
     steps = {step for step, _ in bases.values()} | ({"refiner"} if with_refiner else set())
     with initialize_config_dir(config_dir=CONF, version_base=None):
         configs = step_configs(root, sorted(steps))
-        demo_dir = str(chain_config(root).demo.out_dir)
+        chain = chain_config(root)
+        demo_dir, chain_order = str(chain.demo.out_dir), [str(step) for step in chain.workflow.chain]
     device = torch.device("cpu")
     loaded = {}
     for name, (step, stage) in bases.items():
@@ -112,7 +113,7 @@ def load_models(root: str, resolution: int, sample_steps: int, guidance_scale: f
                         vae_scale=vae_scaling_factor(frozen.vae), conditioner=frozen.conditioner,
                         refiner_conditioner=refiner_text, resolution=resolution, sample_steps=sample_steps,
                         guidance_scale=guidance_scale, real_images=real, real_sizes=sizes, real_captions=captions,
-                        training_summary=training_summary(root))
+                        training_summary=training_summary(root, chain_order))
 
 
 def _training_images(folder: str, limit: int) -> tuple[list, list, list]:
@@ -135,15 +136,17 @@ def _training_images(folder: str, limit: int) -> tuple[list, list, list]:
     return images, sizes, captions
 
 
-def training_summary(root: str) -> dict:
-    """Per step: steps, images and world size (from the workflow's completion markers; a step's seconds there are
-    those of the call that last completed it, which is a few seconds when it found its model already trained)."""
-    summary = {}
-    for marker in sorted(glob.glob(os.path.join(root, "workflow", "paper_effects", "*.json"))):
+def training_summary(root: str, chain_order: list[str] = ()) -> dict:
+    """Per step, in ``chain_order`` (then any other step by name): steps, images and world size (from the workflow's
+    completion markers; a step's seconds there are those of the call that last completed it, which is a few seconds
+    when it found its model already trained)."""
+    found = {}
+    for marker in glob.glob(os.path.join(root, "workflow", "paper_effects", "*.json")):
         result = storage.read_json(marker).get("result") or {}
-        step = os.path.basename(marker)[:-5]
-        summary[step] = {k: result[k] for k in ("seconds", "step", "samples", "world_size") if k in result}
-    return summary
+        found[os.path.basename(marker)[:-5]] = {k: result[k] for k in ("seconds", "step", "samples", "world_size")
+                                                if k in result}
+    rank = {step: i for i, step in enumerate(chain_order)}
+    return {step: found[step] for step in sorted(found, key=lambda step: (rank.get(step, len(rank)), step))}
 
 
 @torch.no_grad()

@@ -34,6 +34,22 @@ def test_the_chain_gives_each_variant_its_own_root_and_what_table_2_varies(tmp_p
     assert cfg["no_size_cond"].paths.root == f"{root}/models/no_size_cond"
     assert cfg["large_only"].loader.filter == "orig_h >= 32 and orig_w >= 32" and cfg["size_cond"].loader.filter is None
     assert cfg["refiner"].train.task == "refiner" and list(cfg["refiner"].train.t_range) == [0, 200]
+    # The detail phase is gentler than the layout phase, so that it keeps the layout's c_crop use (decisions.md).
+    assert cfg["size_cond_layout"].train.lr == 1.0e-3 and cfg["size_cond_layout"].train.global_batch_size == 32
+    for step in ("size_cond", "no_size_cond", "large_only"):
+        assert cfg[step].train.lr == 2.0e-4 and cfg[step].train.global_batch_size == 32
+    assert cfg["refiner"].train.lr == 1.0e-3
+
+
+def test_the_training_table_follows_the_chain(tmp_path):
+    from pipeline import storage
+
+    for step, seconds in (("size_cond", 3), ("cache_32", 1), ("size_cond_layout", 2), ("zz_extra", 4)):
+        storage.write_json_atomic(str(tmp_path / "workflow" / "paper_effects" / f"{step}.json"),
+                                  {"result": {"seconds": seconds, "step": 1, "ignored": 0}})
+    summary = effects_models.training_summary(str(tmp_path), ["cache_32", "size_cond_layout", "size_cond"])
+    assert list(summary) == ["cache_32", "size_cond_layout", "size_cond", "zz_extra"]
+    assert summary["size_cond"] == {"seconds": 3, "step": 1}
 
 
 def test_layout_steps_set_every_layout_phase_and_reach_the_recorded_command(tmp_path):
