@@ -315,3 +315,22 @@ def resume(paths: list[str], *, signature: dict, strategy, model, optimizer, sch
 
 def config_hash(cfg_container: dict) -> str:
     return hashlib.sha256(json.dumps(cfg_container, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# The settings that change what a run's steps compute (its recipe): not where anything lives (a moved root, another
+# storage path), how often it logs, samples or checkpoints, or how its data is fed. The model section counts whole.
+RECIPE_KEYS = {
+    "train": ("strategy", "zero_stage", "mixed_precision", "lr", "min_lr", "warmup_steps", "schedule", "betas",
+              "weight_decay", "eps", "grad_clip", "snr_gamma", "ema_decay", "ema_warmup", "global_batch_size", "seed",
+              "task", "ucg_rate", "ucg_joint", "offset_noise", "t_range", "size_conditioning", "frozen_dtype"),
+    "loader": ("resolution", "multi_aspect", "bucket_multiple", "synthetic_caption_prob", "filter", "top_k_by",
+               "crop_mode", "seed", "cached", "latent_downsample"),
+}
+
+
+def recipe_hash(cfg_container: dict) -> str:
+    """The hash of :data:`RECIPE_KEYS` and the model section: two runs with the same recipe hash train alike."""
+    recipe = {section: {key: (cfg_container.get(section) or {}).get(key) for key in keys}
+              for section, keys in RECIPE_KEYS.items()}
+    recipe["model"] = cfg_container.get("model")
+    return config_hash(recipe)

@@ -182,6 +182,7 @@ def run_worker(config: dict, rank: int, world_size: int, device: torch.device, l
 
     meta = {"model_name": task.model_name, "signature": signature, "world_size": world_size,
             "zero_stage": int(tc.zero_stage), "config_hash": cfg_hash,
+            "recipe_hash": checkpointing.recipe_hash(config["cfg"]),
             "stage": config["stage"], "inputs_hash": config.get("inputs_hash")}
     run_dir = storage.join(config["root"], "runs", config["stage"])
     batches = None

@@ -10,8 +10,9 @@ work) and the stage starts over. A run written before the hash existed carries n
 parent's weights were written after it, and otherwise continued as before.
 
 A changed config only warns, so that raising ``train.max_steps`` continues a run. But a run that already reached the
-new ``max_steps`` under another config would train no step at all and hand back the old settings' weights as this
-config's result (a chain step re-run after its learning rate changed, say); such a run is set aside the same way.
+new ``max_steps`` under another recipe (``checkpointing.recipe_hash``: learning rate, batch, timesteps, model, ...;
+not paths or logging) would train no step at all and hand back the old recipe's weights as this one's result (a chain
+step re-run after its learning rate changed, say); such a run is set aside the same way.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def prepare_run(cfg, run_dir: str, final_dir: str) -> str:
     current = inputs_hash(inputs)
     if set_aside_stale_run(run_dir, final_dir, current, inputs, parent) is None:
         # The hash the training loop records in each checkpoint (stages.train.loop), from the same container.
-        cfg_hash = checkpointing.config_hash(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-        set_aside_finished_run(run_dir, final_dir, cfg_hash, int(cfg.train.max_steps))
+        recipe = checkpointing.recipe_hash(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+        set_aside_finished_run(run_dir, final_dir, recipe, int(cfg.train.max_steps))
     return current
 
 
@@ -148,9 +149,10 @@ def set_aside_stale_run(run_dir: str, final_dir: str, current: str, inputs: dict
     return target
 
 
-def set_aside_finished_run(run_dir: str, final_dir: str, cfg_hash: str, max_steps: int) -> str | None:
-    """Move the run aside when its newest checkpoint was written under another config hash at a step the current
-    ``max_steps`` does not exceed (resuming it would train nothing); returns where it went, or None."""
+def set_aside_finished_run(run_dir: str, final_dir: str, recipe: str, max_steps: int) -> str | None:
+    """Move the run aside when its newest checkpoint was written under another recipe hash at a step the current
+    ``max_steps`` does not exceed (resuming it would train nothing); returns where it went, or None. A checkpoint
+    without a recipe hash (written before it was recorded) is continued, as before."""
     checkpoints = checkpointing.list_checkpoints(run_dir)
     if not checkpoints:
         return None
@@ -158,13 +160,13 @@ def set_aside_finished_run(run_dir: str, final_dir: str, cfg_hash: str, max_step
         meta = storage.read_json(storage.join(checkpoints[0], checkpointing.META_FILE))
     except (OSError, ValueError):  # a corrupted checkpoint is the resume logic's business
         return None
-    saved, step = meta.get("config_hash"), meta.get("step")
-    if saved is None or saved == cfg_hash or step is None or int(step) < max_steps:
+    saved, step = meta.get("recipe_hash"), meta.get("step")
+    if saved is None or saved == recipe or step is None or int(step) < max_steps:
         return None
     target = _move_aside(run_dir, final_dir)
-    log.warning("%s finished at step %s under another config (hash %s, now %s); with train.max_steps=%d, resuming "
+    log.warning("%s finished at step %s under another recipe (hash %s, now %s); with train.max_steps=%d, resuming "
                 "it would train no step and keep its weights, so the stage starts over. The old run is kept at %s",
-                run_dir, step, saved, cfg_hash, max_steps, target)
+                run_dir, step, saved, recipe, max_steps, target)
     return target
 
 

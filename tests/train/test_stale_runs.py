@@ -81,11 +81,26 @@ def test_a_run_from_other_inputs_is_moved_aside_and_the_same_inputs_kept(tmp_pat
     assert os.path.isfile(os.path.join(moved, "final", "info.json"))
 
 
-def _checkpoint(run_dir: str, step: int, config_hash: str | None) -> None:
+def _checkpoint(run_dir: str, step: int, recipe: str | None) -> None:
     path = os.path.join(run_dir, f"checkpoint_{step:09d}", "meta.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"step": step, **({"config_hash": config_hash} if config_hash else {})}, f)
+        json.dump({"step": step, "config_hash": "any", **({"recipe_hash": recipe} if recipe else {})}, f)
+
+
+def test_the_recipe_is_what_changes_the_training_not_where_it_lives():
+    from stages.train.checkpointing import recipe_hash
+
+    def recipe(**train):
+        return recipe_hash(OmegaConf.to_container(toy_cfg("/somewhere", **train), resolve=True))
+
+    base = recipe()
+    assert recipe_hash(OmegaConf.to_container(toy_cfg("/moved/root"), resolve=True)) == base
+    assert recipe(log_every=7, checkpoint_every=3, storage_path="/elsewhere", max_steps=9) == base
+    assert recipe(lr=5e-3) != base and recipe(global_batch_size=16) != base and recipe(t_range=[0, 500]) != base
+    moved_model = OmegaConf.to_container(toy_cfg("/somewhere"), resolve=True)
+    moved_model["model"]["preset"] = "full"
+    assert recipe_hash(moved_model) != base
 
 
 def test_a_run_finished_under_another_config_is_moved_aside(tmp_path):
@@ -187,7 +202,8 @@ def test_rerun_of_a_finished_stage_under_changed_settings_trains_again(tmp_path,
     assert run_training(toy_cfg(root, max_steps=2), ctx)["step"] == 2
     first = storage.read_json(info_path)
     mtime = os.path.getmtime(info_path)
-    run_training(toy_cfg(root, max_steps=2), ctx)  # nothing changed: the finished run is handed back untouched
+    # The same recipe (only how often it logs changed): the finished run is handed back untouched.
+    run_training(toy_cfg(root, max_steps=2, log_every=2), ctx)
     assert os.path.getmtime(info_path) == mtime and not glob.glob(os.path.join(root, "runs", "child.replaced-*"))
     # Another learning rate at the same max_steps: without the check this resumed step 2, trained nothing and kept
     # the old weights (and their final/info.json) as the new settings' result.
