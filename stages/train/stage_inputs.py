@@ -79,7 +79,7 @@ def stage_inputs(cfg, init: str | None = None) -> dict[str, str]:
 
 def prepare_run(cfg, run_dir: str, final_dir: str) -> str:
     """The stage's inputs_hash, after setting aside a run in ``run_dir`` / ``final_dir`` made from other inputs, or
-    one finished under another config that continuing would not train."""
+    one finished under another recipe that continuing would not train."""
     parent = resolve_init_from(cfg)
     inputs = stage_inputs(cfg, parent)
     current = inputs_hash(inputs)
