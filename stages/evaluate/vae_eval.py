@@ -22,10 +22,11 @@ from omegaconf import DictConfig
 
 from pipeline.context import StageContext
 from stages.evaluate import metrics
+from stages.evaluate.measures import laplacian_variance
 
 log = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ("psnr", "ssim", "lpips", "rfid", "num_images")
+TABLE_COLUMNS = ("psnr", "ssim", "lpips", "rfid", "sharpness_kept", "num_images")
 READBACK_KEYS = ("object_color", "background", "position", "shape")  # what the demo reader reads back
 
 
@@ -44,12 +45,16 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
 
 
 class ReconstructionScores:
-    """Accumulates PSNR, SSIM, LPIPS (with a model) per image and rFID features over batches of (original,
-    reconstruction) pairs in [0, 1], so a paper-size held-out set never sits in memory at once."""
+    """Accumulates PSNR, SSIM, LPIPS (with a model) per image, rFID features and each image's sharpness (variance of
+    the Laplacian) over batches of (original, reconstruction) pairs in [0, 1], so a paper-size held-out set never
+    sits in memory at once. ``sharpness_kept`` = the reconstructions' mean Laplacian variance over the originals':
+    1.0 keeps the detail, an MSE-trained autoencoder that softens every edge scores well below (docs/results.md:
+    the size signal SDXL's c_size carries lives in that detail)."""
 
     def __init__(self, feature_net, lpips_model=None):
         self.feature_net, self.lpips_model = feature_net, lpips_model
-        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "real", "fake")}
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("psnr", "ssim", "lpips", "real", "fake",
+                                                                     "sharp_real", "sharp_fake")}
 
     def add(self, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
         from stages.evaluate.features import image_features
@@ -61,6 +66,9 @@ class ReconstructionScores:
             self.parts["lpips"].append(metrics.lpips_values(self.lpips_model, reconstructions, originals))
         self.parts["real"].append(image_features(self.feature_net, originals)["pool"])
         self.parts["fake"].append(image_features(self.feature_net, reconstructions)["pool"])
+        for key, images in (("sharp_real", originals), ("sharp_fake", reconstructions)):
+            as_u8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            self.parts[key].append(torch.tensor([laplacian_variance(img) for img in as_u8], dtype=torch.float64))
 
     @property
     def count(self) -> int:
@@ -72,7 +80,10 @@ class ReconstructionScores:
         mean = {k: float(torch.cat(self.parts[k]).mean()) if self.parts[k] else None
                 for k in ("psnr", "ssim", "lpips")}
         real, fake = torch.cat(self.parts["real"]), torch.cat(self.parts["fake"])
-        return {**mean, "rfid": metrics.frechet_distance(real, fake), "num_images": int(real.shape[0])}
+        sharp_real = float(torch.cat(self.parts["sharp_real"]).mean())
+        kept = float(torch.cat(self.parts["sharp_fake"]).mean()) / sharp_real if sharp_real > 0 else None
+        return {**mean, "rfid": metrics.frechet_distance(real, fake), "sharpness_kept": kept,
+                "num_images": int(real.shape[0])}
 
 
 class ReadbackAgreement:
@@ -168,7 +179,8 @@ def evaluate_vae(cfg: DictConfig, ctx: StageContext) -> dict:
     check_references(scores.count, rejects, ctx.dataset_dir)
     row = scores.result()
     row["psnr"] = metrics.finite_or_none(row["psnr"])
-    flat = {"vae_psnr": row["psnr"], "vae_ssim": row["ssim"], "vae_lpips": row["lpips"], "vae_rfid": row["rfid"]}
+    flat = {"vae_psnr": row["psnr"], "vae_ssim": row["ssim"], "vae_lpips": row["lpips"], "vae_rfid": row["rfid"],
+            "vae_sharpness_kept": row["sharpness_kept"]}
     lpips_state = "on" if lpips_model is not None else f"skipped: {lpips_reason}"
     preamble = (f"Autoencoder: {vae_source}; {row['num_images']} held-out images at {int(ev.resolution)} px. "
                 f"rFID features: {net_weights}. LPIPS: {lpips_state}.")

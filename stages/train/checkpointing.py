@@ -333,4 +333,7 @@ def recipe_hash(cfg_container: dict) -> str:
     recipe = {section: {key: (cfg_container.get(section) or {}).get(key) for key in keys}
               for section, keys in RECIPE_KEYS.items()}
     recipe["model"] = cfg_container.get("model")
+    train = cfg_container.get("train") or {}
+    if train.get("task") == "vae":  # the autoencoder's loss terms (only its own runs: other tasks ignore them)
+        recipe["vae_loss"] = train.get("vae")
     return config_hash(recipe)

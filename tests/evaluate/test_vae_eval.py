@@ -64,6 +64,9 @@ def test_reconstruction_metrics_of_a_perfect_and_a_noisy_autoencoder():
     noisy = (images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     worse = vae_eval.reconstruction_metrics(images, noisy, net)
     assert 15 < worse["psnr"] < 25 and worse["ssim"] < 1 and worse["rfid"] > 0
+    assert perfect["sharpness_kept"] == pytest.approx(1.0) and worse["sharpness_kept"] > 1  # noise adds "detail"
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    assert vae_eval.reconstruction_metrics(images, blurred, net)["sharpness_kept"] < 0.5
 
 
 def test_reconstruct_returns_images_in_range():
@@ -129,7 +132,7 @@ def test_vae_stage_logs_reconstruction_metrics(tmp_path, alex_trunk):
     for name in ("results.csv", "results.md", "reconstructions.png", "summary.json"):
         assert os.path.isfile(os.path.join(summary["output_dir"], name)), name
     logged = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).get_run(tracker.run_id).data.metrics
-    assert {"vae_psnr", "vae_ssim", "vae_lpips", "vae_rfid"} <= set(logged)
+    assert {"vae_psnr", "vae_ssim", "vae_lpips", "vae_rfid", "vae_sharpness_kept"} <= set(logged)
     assert logged["vae_lpips"] > 0 and logged["vae_rfid"] >= 0
     # demo captions: the reader's agreement between originals and reconstructions is reported and logged
     assert summary["readback"]["num_images"] == summary["num_references"]

@@ -101,6 +101,13 @@ def test_the_recipe_is_what_changes_the_training_not_where_it_lives():
     moved_model = OmegaConf.to_container(toy_cfg("/somewhere"), resolve=True)
     moved_model["model"]["preset"] = "full"
     assert recipe_hash(moved_model) != base
+    # The autoencoder's loss terms are its recipe, and only its own: a base run ignores train.vae.
+    for task, changes in (("vae", True), ("base", False)):
+        cfg = OmegaConf.to_container(toy_cfg("/somewhere"), resolve=True)
+        cfg["train"].update(task=task, vae={"edge_weight": 0.0})
+        before = recipe_hash(cfg)
+        cfg["train"]["vae"]["edge_weight"] = 1.0
+        assert (recipe_hash(cfg) != before) == changes
 
 
 def test_a_run_finished_under_another_config_is_moved_aside(tmp_path):

@@ -193,6 +193,34 @@ def test_vae_loss_kl_and_adversarial_term(root):
     assert len(images) == 4 and images[0].size == (128, 64)
 
 
+def test_edge_loss_prefers_a_sharp_edge_to_the_ramp_a_squared_error_settles_on():
+    from stages.train.task_vae import edge_loss
+
+    x = torch.linspace(-1, 1, 16)
+    step = torch.where(x < 0, -1.0, 1.0).expand(1, 3, 16, 16)
+    # Where the edge sits is uncertain between two columns (0.6 / 0.4): the squared error is lowest for the
+    # average of the two placements (a soft ramp), the gradient term for one sharp edge at the likelier place.
+    left, right = step.roll(-1, dims=3), step.roll(1, dims=3)
+    ramp = 0.6 * left + 0.4 * right
+    mse = lambda a: 0.6 * (a - left).pow(2).mean() + 0.4 * (a - right).pow(2).mean()  # noqa: E731
+    edge = lambda a: 0.6 * edge_loss(a, left) + 0.4 * edge_loss(a, right)  # noqa: E731
+    assert mse(ramp) < mse(left) and edge(left) < edge(ramp)
+    assert edge_loss(step, step) == 0 and edge_loss(step + 0.3, step) < 1e-6  # a flat offset is not an edge error
+
+
+def test_vae_edge_term_enters_the_loss_when_weighted(root):
+    cfg = stage_cfg("train_vae", root, overrides=["train.vae.gan_weight=0", "train.vae.edge_weight=2.0"])
+    task = make_task(cfg)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    loss, metrics = task.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))
+    assert metrics["edge_loss"] > 0
+    assert loss.item() == pytest.approx(metrics["rec_loss"] + 1e-6 * metrics["kl"] + 2.0 * metrics["edge_loss"], rel=1e-5)
+    off = make_task(stage_cfg("train_vae", root, overrides=["train.vae.gan_weight=0"]))
+    off.setup(torch.device("cpu"))
+    assert "edge_loss" not in off.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))[1]
+
+
 def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
     cfg = stage_cfg("train_vae", root)
     task = make_task(cfg)
