@@ -334,6 +334,7 @@ def recipe_hash(cfg_container: dict) -> str:
               for section, keys in RECIPE_KEYS.items()}
     recipe["model"] = cfg_container.get("model")
     train = cfg_container.get("train") or {}
-    if train.get("task") == "vae":  # the autoencoder's loss terms (only its own runs: other tasks ignore them)
-        recipe["vae_loss"] = train.get("vae")
+    own_options = train.get(str(train.get("task")))  # the task's own section (train.vae: the autoencoder's loss)
+    if own_options is not None:  # absent for the diffusion tasks, whose hashes stay as they were
+        recipe["task_options"] = own_options
     return config_hash(recipe)
