@@ -76,11 +76,17 @@ def build_unet(preset: ModelPreset | str, kind: str = "base", device: str | torc
     return place_module(unet, device, dtype)
 
 
-def build_vae(preset: ModelPreset | str, device: str | torch.device = "cpu", seed: int = 0) -> AutoencoderKL:
-    """A randomly initialised SDXL autoencoder (float32 always)."""
+def build_vae(preset: ModelPreset | str, device: str | torch.device = "cpu", seed: int = 0,
+              config: dict | None = None) -> AutoencoderKL:
+    """A randomly initialised SDXL autoencoder (float32 always): the preset's, or ``config`` (a
+    ``ModelPreset.vae_config`` or a trained VAE's saved config)."""
     preset = get_preset(preset)
+    config = preset.vae if config is None else config
+    problem = preset.vae_mismatch(config)
+    if problem:
+        raise ValueError(f"an autoencoder with {problem} does not fit preset {preset.name!r}")
     with _init_context(device, seed + _SEED_OFFSETS["vae"]):
-        vae = AutoencoderKL(**preset.vae)
+        vae = AutoencoderKL(**config)
     return place_module(vae, device, torch.float32)
 
 
@@ -157,7 +163,9 @@ def _load_unet(source: str, preset: ModelPreset, kind: str, dtype) -> UNet2DCond
 
 def _load_vae(source: str, preset: ModelPreset) -> AutoencoderKL:
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
-    _check_matches_preset(source, "vae", dict(vae.config), preset.vae, ("latent_channels",), preset)
+    problem = preset.vae_mismatch(dict(vae.config))
+    if problem:
+        raise ValueError(f"{source}/vae has {problem}: set model.preset to the size of the pretrained weights")
     return vae
 
 

@@ -76,6 +76,37 @@ class ModelPreset:
         """Pixels per latent along a side: 2 per VAE level after the first (8 at full, 4 at tiny)."""
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
+    def vae_config(self, block_out_channels=None, layers_per_block=None) -> dict:
+        """The preset's autoencoder config, optionally wider / deeper. The number of levels and the latent channels
+        stay the preset's, so the latents keep their grid and every diffusion model of the preset fits them."""
+        config = copy.deepcopy(self.vae)
+        if block_out_channels is not None:
+            widths = [int(c) for c in block_out_channels]
+            levels, groups = len(config["block_out_channels"]), int(config["norm_num_groups"])
+            if len(widths) != levels:
+                raise ValueError(f"the {self.name} preset's autoencoder has {levels} levels (its latent grid); "
+                                 f"got {len(widths)} widths {widths}")
+            if any(w < groups or w % groups for w in widths):
+                raise ValueError(f"autoencoder widths must be multiples of its {groups} norm groups, got {widths}")
+            config["block_out_channels"] = widths
+        if layers_per_block is not None:
+            if int(layers_per_block) < 1:
+                raise ValueError(f"autoencoder layers_per_block must be >= 1, got {layers_per_block}")
+            config["layers_per_block"] = int(layers_per_block)
+        return config
+
+    def vae_mismatch(self, config: dict) -> str | None:
+        """Why an autoencoder ``config`` cannot serve this preset's diffusion models (other latent channels or
+        another latent grid), or None. Its widths and depth are its own (``train.vae.block_out_channels``)."""
+        channels, levels = config.get("latent_channels"), len(config.get("block_out_channels") or ())
+        want_levels = len(self.vae["block_out_channels"])
+        if channels != self.latent_channels:
+            return f"latent_channels={channels!r} (expected {self.latent_channels})"
+        if levels != want_levels:
+            return (f"{levels} levels, i.e. {2 ** max(levels - 1, 0)}x downsampling (expected {want_levels} levels, "
+                    f"{self.vae_downsample}x)")
+        return None
+
 
 def _unet(*, channels, heads, layers, context_dim, pooled_dim, kind, sample_size, norm_groups) -> dict:
     """A UNet2DConditionModel config; ``kind`` picks the SDXL base or refiner block layout."""

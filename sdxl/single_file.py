@@ -297,6 +297,21 @@ def detect_kind(keys) -> str:
     raise ValueError("not an SDXL single-file checkpoint: no text-encoder keys under 'conditioner.embedders.'")
 
 
+def vae_config_in_file(state: Mapping[str, torch.Tensor], preset_vae: Mapping) -> dict:
+    """``preset_vae`` with the widths and depth of the autoencoder in an original-layout ``state`` (a VAE trained
+    with ``train.vae.block_out_channels`` differs from its preset there); the preset's when the file has no VAE."""
+    widths, level = [], 0
+    while f"{VAE_PREFIX}encoder.down.{level}.block.0.conv1.weight" in state:
+        widths.append(int(state[f"{VAE_PREFIX}encoder.down.{level}.block.0.conv1.weight"].shape[0]))
+        level += 1
+    if not widths:
+        return dict(preset_vae)
+    depth = 0
+    while f"{VAE_PREFIX}encoder.down.0.block.{depth}.conv1.weight" in state:
+        depth += 1
+    return {**preset_vae, "block_out_channels": widths, "layers_per_block": depth}
+
+
 def split_original_state_dict(state: Mapping[str, torch.Tensor], kind: str, unet_config: Mapping,
                               vae_config: Mapping, num_layers_g: int) -> dict[str, Tensors]:
     """Per-module state dicts in our layout ({"unet", "vae", "text_encoder_2"} plus "text_encoder" for the base)
@@ -360,13 +375,13 @@ def save_single_file(path: str, kind: str, unet, vae, text_encoder_g, text_encod
             "num_parameters": int(sum(t.numel() for t in state.values()))}
 
 
-def _module_factories(preset, kind: str) -> dict:
+def _module_factories(preset, kind: str, vae_config: Mapping) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     return {
         "unet": lambda: UNet2DConditionModel.from_config(preset.unet_config(kind)),
-        "vae": lambda: AutoencoderKL.from_config(preset.vae),
+        "vae": lambda: AutoencoderKL.from_config(dict(vae_config)),
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**preset.text_encoder_l)),
         "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_g)),
     }
@@ -412,7 +427,11 @@ def load_single_file(path: str, preset_name, dtype: torch.dtype = torch.float32)
     preset = get_preset(preset_name)
     state = read_original_file(path)
     kind = detect_kind(state)
-    parts = split_original_state_dict(state, kind, preset.unet_config(kind), preset.vae,
+    vae_config = vae_config_in_file(state, preset.vae)
+    problem = preset.vae_mismatch(vae_config)
+    if problem:
+        raise ValueError(f"{path}: its autoencoder has {problem}, which does not fit preset {preset.name!r}")
+    parts = split_original_state_dict(state, kind, preset.unet_config(kind), vae_config,
                                       preset.text_encoder_g["num_hidden_layers"])
     if "unet" not in parts:
         raise ValueError(f"{path}: no UNet weights under {UNET_PREFIX!r}")
@@ -420,7 +439,7 @@ def load_single_file(path: str, preset_name, dtype: torch.dtype = torch.float32)
     absent = [name for name in wanted if name not in parts]
     if absent:
         logger.warning("%s: no weights for %s in the file", path, absent)
-    factories = _module_factories(preset, kind)
+    factories = _module_factories(preset, kind, vae_config)
     modules = {name: _build_loaded(factories[name], part, f"{path} [{name}]") for name, part in parts.items()}
     for module in modules.values():
         if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):

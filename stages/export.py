@@ -186,7 +186,9 @@ def load_vae(uri: str | None, preset: ModelPreset, cfg, scratch: str):
         vae = AutoencoderKL.from_pretrained(shared, subfolder="vae", dtype=torch.float32)
     else:
         vae = build_vae(preset, seed=_train_seed(cfg))
-    _check_config(vae, preset.vae, uri or shared or f"the {preset.name} preset VAE", "VAE", preset)
+    problem = preset.vae_mismatch(dict(vae.config))  # its widths may be its own (train.vae.block_out_channels)
+    if problem:
+        raise ValueError(f"{uri or shared} does not hold a VAE that fits preset {preset.name!r}: it has {problem}")
     return vae.eval()
 
 

@@ -133,15 +133,13 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 
 def load_vae(ref, cfg, device: torch.device):
     """The checkpoint's autoencoder, or the VAE the diffusion stages use when there is no folder."""
-    from sdxl.models import build_vae
-    from stages.train.task_components import build_frozen_vae
-    from stages.train.tasks import load_module_weights
+    from sdxl.presets import get_preset
+    from stages.train.task_components import build_frozen_vae, load_trained_vae
 
     if ref.folder is None:
         vae, source = build_frozen_vae(cfg, device)
         return vae, source
-    vae = build_vae(str(cfg.model.preset), seed=int((cfg.get("train") or {}).get("seed", 0) or 0))
-    load_module_weights(vae, ref.folder)
+    vae = load_trained_vae(ref.folder, get_preset(str(cfg.model.preset)))
     return vae.to(device).eval().requires_grad_(False), f"trained:{ref.folder}"
 
 

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Config entries that decide whether a checkpoint fits the preset's architecture.
 _UNET_KEYS = ("in_channels", "block_out_channels", "cross_attention_dim", "projection_class_embeddings_input_dim")
-_VAE_KEYS = ("latent_channels", "block_out_channels")
 
 
 @dataclass(frozen=True)
@@ -259,7 +258,10 @@ def load_vae(sources: ModelSources):
     else:
         folder, sub = component_folder(resolve_folder(str(source), sources.root, sources.tracking_uri), "vae")
         vae = AutoencoderKL.from_pretrained(folder, subfolder=sub, torch_dtype=torch.float32, use_safetensors=True)
-        _check_fits(str(source), "VAE", dict(vae.config), preset.vae, _VAE_KEYS, sources.preset)
+        problem = preset.vae_mismatch(dict(vae.config))  # its widths may be its own (train.vae.block_out_channels)
+        if problem:
+            raise ValueError(f"VAE weights in {source} have {problem} but serve.preset={sources.preset!r} does not: "
+                             "set serve.preset to the size the checkpoint was trained at")
         log.info("loaded VAE from %s", source)
     return place_module(vae, sources.torch_device(), torch.float32).eval().requires_grad_(False)
 

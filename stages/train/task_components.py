@@ -55,15 +55,22 @@ def resolve_vae_source(cfg) -> tuple[str, str | None]:
     return "trained", folder
 
 
-def adopt_saved_scaling_factor(vae: AutoencoderKL, folder: str) -> None:
-    """Take the latent scale factor train_vae measured and saved in ``folder``'s config.json: weights loaded into a
-    preset-built VAE would otherwise keep the preset's constant (SDXL's 0.13025), and the diffusion stages would
-    train on latents of the wrong size while the export (which copies the saved config) samples with the right one."""
-    config = storage.join(folder, "config.json")
-    if storage.is_file(config):
-        saved = storage.read_json(config).get("scaling_factor")
-        if saved is not None:
-            vae.register_to_config(scaling_factor=float(saved))
+def load_trained_vae(folder: str, preset) -> AutoencoderKL:
+    """A train_vae output folder as an AutoencoderKL. Its saved config.json decides the architecture
+    (``train.vae.block_out_channels`` / ``layers_per_block`` may have widened it; the preset still fixes the latent
+    channels and grid) and carries the latent scale factor train_vae measured: a preset-built VAE would keep the
+    preset's constant (SDXL's 0.13025), and the diffusion stages would train on latents of the wrong size while the
+    export (which copies the saved config) samples with the right one. The weights load with every key and shape
+    checked; a folder without config.json is taken as the preset's architecture."""
+    config_uri = storage.join(folder, "config.json")
+    config = None
+    if storage.is_file(config_uri):
+        saved = storage.read_json(config_uri)
+        config = {**preset.vae, **{key: saved[key] for key in preset.vae if saved.get(key) is not None}}
+        problem = preset.vae_mismatch(config)
+        if problem:
+            raise ValueError(f"the autoencoder in {folder} has {problem}: model.preset={preset.name!r} does not fit it")
+    return load_module_weights(build_vae(preset, config=config), folder)
 
 
 def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
@@ -75,10 +82,8 @@ def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
             raise ValueError(f"{source}/vae has {vae.config.latent_channels} latent channels, preset "
                              f"{preset.name!r} expects {preset.latent_channels}: set model.preset to match")
     else:
-        vae = build_vae(preset, seed=int(task_option(cfg, "seed")))
-        if kind == "trained":
-            load_module_weights(vae, source)
-            adopt_saved_scaling_factor(vae, source)
+        vae = (load_trained_vae(source, preset) if kind == "trained"
+               else build_vae(preset, seed=int(task_option(cfg, "seed"))))
     vae = place_module(vae, device, torch.float32).eval().requires_grad_(False)
     return vae, f"{kind}:{source or preset.name}"
 

@@ -30,13 +30,15 @@ from sdxl.sampling import to_pil
 from stages.train.data_loader import decode_rgb, pil_to_tensor
 from stages.train.data_manifest import dataset_dir_from_cfg, select_samples
 from stages.train.data_shards import TarShardReader, sample_member
+from stages.train.task_components import load_trained_vae
 from stages.train.perceptual import build_perceptual
 from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, resolve_init_from,
                                 save_module_pretrained, task_option)
 
 VAE_DEFAULTS = {"recon_loss": "l1", "kl_weight": 1e-6, "edge_weight": 0.0, "lpips_weights": None, "lpips_weight": 1.0,
                 "gan_weight": 0.5, "gan_start_step": 50, "disc_channels": 64, "disc_layers": 3, "disc_lr": 1e-4,
-                "num_samples": 4, "scale_samples": 256, "logvar_init": None}
+                "num_samples": 4, "scale_samples": 256, "logvar_init": None, "block_out_channels": None,
+                "layers_per_block": None}
 
 
 class AutoencoderForTraining(nn.Module):
@@ -118,6 +120,8 @@ class VAETask(TrainTask):
         self.settings = vae_settings(cfg)
         if self.settings["recon_loss"] not in ("l1", "l2"):
             raise ValueError(f"train.vae.recon_loss must be 'l1' or 'l2', got {self.settings['recon_loss']!r}")
+        # Widths / depth of train.vae (null: the preset's), checked here so a bad value fails before any work.
+        self.vae_config = self.preset.vae_config(self.settings["block_out_channels"], self.settings["layers_per_block"])
         if bool(cfg.loader.get("cached", False)):
             raise ValueError("train.task=vae trains on pixels: set loader.cached=false")
         self.init_path = resolve_init_from(cfg)
@@ -128,10 +132,14 @@ class VAETask(TrainTask):
         self.perceptual_source = None  # what the perceptual term was built from (after setup)
 
     def build_model(self) -> nn.Module:
-        vae = build_vae(self.preset, seed=int(task_option(self.cfg, "seed")))
-        if self.init_path is not None:
+        widths_given = self.settings["block_out_channels"] is not None or self.settings["layers_per_block"] is not None
+        if self.init_path is not None and not widths_given:  # continue the saved autoencoder, whatever its widths
+            vae = load_trained_vae(self.init_path, self.preset)
+        else:
+            vae = build_vae(self.preset, seed=int(task_option(self.cfg, "seed")), config=self.vae_config)
+        if self.init_path is not None and widths_given:
             load_module_weights(vae, self.init_path)
-        elif self.settings["logvar_init"] is not None:
+        elif self.init_path is None and self.settings["logvar_init"] is not None:
             init_posterior_logvar(vae, float(self.settings["logvar_init"]))
         return AutoencoderForTraining(vae).train().requires_grad_(True)
 

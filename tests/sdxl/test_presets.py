@@ -123,3 +123,25 @@ def test_get_preset_hands_out_private_copies():
     assert get_preset(custom).name == "custom"
     with pytest.raises(ValueError, match="kind"):
         get_preset("tiny").unet_config("middle")
+
+
+def test_vae_config_widens_the_autoencoder_but_keeps_its_latent_grid():
+    preset = get_preset("tiny")
+    wide = preset.vae_config([32, 64, 64], layers_per_block=2)
+    assert wide["block_out_channels"] == [32, 64, 64] and wide["layers_per_block"] == 2
+    assert preset.vae["block_out_channels"] == [16, 32, 32]  # the preset itself is untouched
+    assert preset.vae_mismatch(wide) is None
+    assert preset.vae_config() == preset.vae
+    with pytest.raises(ValueError, match="3 levels"):
+        preset.vae_config([32, 64, 64, 64])
+    with pytest.raises(ValueError, match="norm groups"):
+        preset.vae_config([30, 64, 64])
+    with pytest.raises(ValueError, match="layers_per_block"):
+        preset.vae_config(layers_per_block=0)
+    # what does not fit: another latent grid (the full preset's 8x) or other latent channels
+    assert "8x" in preset.vae_mismatch(get_preset("full").vae)
+    assert "latent_channels" in preset.vae_mismatch(dict(preset.vae, latent_channels=16))
+    from sdxl.models import build_vae
+    assert list(build_vae(preset, config=wide).config.block_out_channels) == [32, 64, 64]
+    with pytest.raises(ValueError, match="does not fit preset 'tiny'"):
+        build_vae(preset, config=get_preset("full").vae)

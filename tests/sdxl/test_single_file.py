@@ -153,11 +153,27 @@ def test_loader_accepts_ckpt_wrapper_and_known_extras(comps, tmp_path):
     _assert_same_weights(_modules(comps, "refiner"), loaded)
 
 
+def test_a_wider_autoencoder_round_trips_through_a_single_file(comps, tmp_path):
+    from sdxl.models import build_vae
+    from sdxl.presets import get_preset
+
+    wide = build_vae("tiny", seed=4, config=get_preset("tiny").vae_config([32, 64, 64], layers_per_block=2))
+    path = str(tmp_path / "wide.safetensors")
+    save_single_file(path, "refiner", comps.refiner_unet, wide, comps.text_encoder_g)
+    loaded = load_single_file(path, "tiny")
+    assert list(loaded["vae"].config.block_out_channels) == [32, 64, 64] and loaded["vae"].config.layers_per_block == 2
+    _assert_same_weights({"vae": wide}, loaded)
+
+
 def test_loader_names_what_does_not_fit(comps, tmp_path):
     path = str(tmp_path / "base.safetensors")
     _save(comps, "base", path)
-    with pytest.raises(ValueError, match="unet.*different preset"):
+    with pytest.raises(ValueError, match="autoencoder has 3 levels.*preset 'full'"):
         load_single_file(path, "full")
+    no_vae = str(tmp_path / "no_vae.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("first_stage_model.")}, no_vae)
+    with pytest.raises(ValueError, match="unet.*different preset"):
+        load_single_file(no_vae, "full")
     state = load_file(path)
     state["model.diffusion_model.input_blocks.99.0.in_layers.0.weight"] = torch.ones(1)
     bad = str(tmp_path / "bad.safetensors")

@@ -50,6 +50,21 @@ def test_diffusers_pipeline_folder_layout(tmp_path):
     assert _same_weights(load_vae(ModelSources(preset="tiny", root=str(tmp_path), vae="sdxl")), vae)
 
 
+def test_a_wider_trained_vae_is_served_and_another_latent_grid_is_refused(tmp_path):
+    from sdxl.presets import get_preset
+
+    wide = build_vae("tiny", seed=9, config=get_preset("tiny").vae_config([32, 64, 64], layers_per_block=2))
+    wide.save_pretrained(tmp_path / "wide")
+    assert _same_weights(load_vae(ModelSources(preset="tiny", root=str(tmp_path), vae="wide")), wide)
+    # an 8x (four-level) autoencoder, the full preset's grid, at tiny widths
+    four_levels = dict(get_preset("tiny").vae, block_out_channels=[16, 32, 32, 32],
+                       down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    from diffusers import AutoencoderKL
+    AutoencoderKL(**four_levels).save_pretrained(tmp_path / "f8")
+    with pytest.raises(ValueError, match="8x downsampling.*serve.preset"):
+        load_vae(ModelSources(preset="tiny", root=str(tmp_path), vae="f8"))
+
+
 def test_missing_or_mismatched_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         resolve_folder("nowhere", str(tmp_path), None)

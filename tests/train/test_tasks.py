@@ -221,6 +221,30 @@ def test_vae_edge_term_enters_the_loss_when_weighted(root):
     assert "edge_loss" not in off.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))[1]
 
 
+def test_a_wider_autoencoder_trains_and_the_diffusion_stages_load_it_from_its_saved_config(root, tmp_path):
+    from stages.train.task_components import build_frozen_vae
+
+    wide = ["train.vae.block_out_channels=[32,64,64]", "train.vae.layers_per_block=2"]
+    task = make_task(stage_cfg("train_vae", root, overrides=wide))
+    model = task.build_model()
+    assert list(model.vae.config.block_out_channels) == [32, 64, 64] and model.vae.config.layers_per_block == 2
+    out = str(tmp_path / "wide")
+    task.save_pretrained(model, out)
+    # the frozen VAE of a diffusion stage (and train.init_from without widths) take the saved architecture
+    frozen, _ = build_frozen_vae(stage_cfg("pretrain256", root, overrides=[f"train.vae_from={out}"]),
+                                 torch.device("cpu"))
+    child = VAETask(stage_cfg("train_vae", root, overrides=[f"train.init_from={out}"])).build_model()
+    for loaded in (frozen, child.vae):
+        assert list(loaded.config.block_out_channels) == [32, 64, 64]
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.vae.state_dict().values()))
+    # widths that do not fit the checkpoint it continues are refused naming the file
+    with pytest.raises(ValueError, match="wide"):
+        VAETask(stage_cfg("train_vae", root, overrides=[f"train.init_from={out}",
+                                                        "train.vae.block_out_channels=[16,32,32]"])).build_model()
+    with pytest.raises(ValueError, match="3 levels"):
+        make_task(stage_cfg("train_vae", root, overrides=["train.vae.block_out_channels=[16,32]"]))
+
+
 def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
     cfg = stage_cfg("train_vae", root)
     task = make_task(cfg)
@@ -235,7 +259,7 @@ def test_vae_checkpoint_round_trip_and_lpips_weights_error(root, tmp_path):
     saved = json.load(open(os.path.join(out, "config.json")))["scaling_factor"]
     expected = measure_scaling_factor(model.vae.eval(), task._fixed_inputs(256))
     assert saved == pytest.approx(expected, rel=1e-6) and saved != pytest.approx(0.13025, rel=0.01)
-    # ...and the diffusion stages' frozen VAE, built from the preset with these weights, uses that scale
+    # ...and the diffusion stages' frozen VAE, built from the saved config with these weights, uses that scale
     from sdxl.latent_scale import vae_scaling_factor
     from stages.train.task_components import build_frozen_vae
     frozen, source = build_frozen_vae(stage_cfg("pretrain256", root, overrides=[f"train.vae_from={out}"]),
