@@ -78,9 +78,9 @@ def build_frozen_vae(cfg, device: torch.device) -> tuple[AutoencoderKL, str]:
     kind, source = resolve_vae_source(cfg)
     if kind == "pretrained":
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
-        if vae.config.latent_channels != preset.latent_channels:
-            raise ValueError(f"{source}/vae has {vae.config.latent_channels} latent channels, preset "
-                             f"{preset.name!r} expects {preset.latent_channels}: set model.preset to match")
+        problem = preset.vae_mismatch(dict(vae.config))  # as every other VAE loader checks it
+        if problem:
+            raise ValueError(f"{source}/vae has {problem} for preset {preset.name!r}: set model.preset to match")
     else:
         vae = (load_trained_vae(source, preset) if kind == "trained"
                else build_vae(preset, seed=int(task_option(cfg, "seed"))))

@@ -30,8 +30,8 @@ from sdxl.sampling import to_pil
 from stages.train.data_loader import decode_rgb, pil_to_tensor
 from stages.train.data_manifest import dataset_dir_from_cfg, select_samples
 from stages.train.data_shards import TarShardReader, sample_member
-from stages.train.task_components import load_trained_vae
 from stages.train.perceptual import build_perceptual
+from stages.train.task_components import load_trained_vae
 from stages.train.tasks import (TrainTask, data_lineage, load_module_weights, resolve_init_from,
                                 save_module_pretrained, task_option)
 
