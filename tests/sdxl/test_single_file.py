@@ -194,7 +194,7 @@ def test_loader_names_what_does_not_fit(comps, tmp_path):
 def test_unet_table_is_a_bijection_at_full_size():
     """The full preset's tables map every key to a distinct original key and back (on meta: no memory)."""
     from sdxl.models import build_on_meta
-    from sdxl.single_file import vae_table
+    from sdxl.single_file_keys import vae_table
 
     meta = build_on_meta("full")
     for key, table in (("unet_base", unet_table(meta["unet_base"].config)),

@@ -100,3 +100,14 @@ def stage_cfg(stage: str, root: str, preset: str = "tiny", overrides: list[str] 
                           stage_file, OmegaConf.from_dotlist(list(overrides or [])))
     OmegaConf.resolve(cfg)
     return cfg
+
+
+# Three buckets, square and both orientations: what the task tests train on.
+TASK_BUCKETS = {(64, 64): 6, (48, 80): 4, (80, 48): 4}
+
+
+def first_batch(cfg, micro: int = 2) -> dict:
+    """The first micro-batch the training loader gives rank 0 of 1 under ``cfg``."""
+    from stages.train.data_loader import make_batch_iterator
+
+    return next(make_batch_iterator(cfg, 0, 1, micro, 0, 1))
