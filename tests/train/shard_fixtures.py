@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from stages.data.records import MANIFEST_SCHEMA
+from stages.train.data_loader import make_batch_iterator
 from stages.train.data_shards import member_key
 
 
@@ -108,6 +109,4 @@ TASK_BUCKETS = {(64, 64): 6, (48, 80): 4, (80, 48): 4}
 
 def first_batch(cfg, micro: int = 2) -> dict:
     """The first micro-batch the training loader gives rank 0 of 1 under ``cfg``."""
-    from stages.train.data_loader import make_batch_iterator
-
     return next(make_batch_iterator(cfg, 0, 1, micro, 0, 1))
