@@ -1,12 +1,15 @@
-"""The streaming pass of `stage=data`: every pending unit through one Ray Data pipeline, bytes read once and written
-once, into the final shards.
+"""The streaming pass of `stage=data`: every pending unit read, checked and written in one pass, bytes read once and
+written once, into the final shards.
 
     units ─► read + check + hash + bucket (CPU tasks; URL units download here) ─► [scorer actors] ─► [captioner actors]
           ─► shard writers (Ray actors, one open tar per bucket each) ─► work/part-<unit>.parquet when a unit is done
 
-The operators overlap: readers fill blocks while model actors score earlier ones and writers append later ones.
-Without models, reading and forwarding to a writer are one fused task. Blocks carry every input of their unit
-(rejected ones without bytes), so the writer sees each unit whole and records its rejects with its kept samples.
+With model stages it is one Ray Data pipeline whose operators overlap: readers fill blocks while model actors score
+earlier ones and writers append later ones. Without models, reading and forwarding to a writer are one plain Ray task
+per unit, a bounded window of them submitted at once: a one-operator pipeline gains nothing from Ray Data's executor,
+whose start, stats actors and scheduling loop cost ~4 s per run and CPU per second of it (docs/decisions.md,
+"The data pass without Ray Data's executor"). Blocks carry every input of their unit (rejected ones without bytes),
+so the writer sees each unit whole and records its rejects with its kept samples.
 """
 
 from __future__ import annotations
@@ -82,6 +85,46 @@ def read_units(batch: dict[str, Any], opts: ReadOptions, work_dir: str, writers:
     return forward(table, writers) if writers is not None else table
 
 
+def read_and_forward(entry: dict[str, Any], opts: ReadOptions, work_dir: str, writers: list) -> int:
+    """Ray task body when no model stage follows: read one pending unit, hand it to its writer; its row count."""
+    summary = read_units({"part": [entry["part"]], "group": [entry["group"]]}, opts, work_dir, writers)
+    return sum(summary.column("rows").to_pylist())
+
+
+def _task_window(read: Any, cluster_cpus: float, pending: int) -> int:
+    """Reader tasks kept submitted at once: the configured concurrency, else twice what the cluster's CPUs run (so a
+    freed CPU finds the next unit queued; memory stays bounded by the window × one unit)."""
+    size = read.pool_size(pending)
+    if size is None:
+        size = 2 * max(1, int(cluster_cpus // max(read.num_cpus, 1e-3)))
+    return max(1, min(size, pending))
+
+
+def _run_reader_tasks(pending: list[dict[str, Any]], opts: ReadOptions, work_dir: str, writers: list, read: Any,
+                      progress_interval_s: float) -> int:
+    """Every pending unit as a Ray task (spread over the nodes), at most a window of them submitted at once; the
+    writers' tick runs between completions. Returns the rows forwarded."""
+    import ray
+    from tqdm import tqdm
+
+    task = ray.remote(read_and_forward).options(scheduling_strategy="SPREAD", **read.remote_args())
+    opts_ref, window = ray.put(opts), _task_window(read, ray.cluster_resources().get("CPU", 1), len(pending))
+    queue, running, rows, last_tick = iter(pending), [], 0, time.monotonic()
+    with tqdm(total=len(pending), desc="data pass (units)", mininterval=progress_interval_s, unit="unit") as bar:
+        while True:
+            while len(running) < window and (entry := next(queue, None)) is not None:
+                running.append(task.remote(entry, opts_ref, work_dir, writers))
+            if not running:
+                return rows
+            done, running = ray.wait(running, num_returns=1, timeout=TICK_S)
+            for rows_of_unit in ray.get(done):  # a failed unit raises here, as Ray Data would
+                rows += rows_of_unit
+                bar.update(1)
+            if time.monotonic() - last_tick > TICK_S:
+                ray.get([w.tick.remote() for w in writers])
+                last_tick = time.monotonic()
+
+
 def pending_units(plan_dir: str, work_dir: str) -> list[dict[str, Any]]:
     """(unit, plan part, row group) of the units without a work part (one listing of the work folder)."""
     done = {records.part_index(uri) for uri in records.list_parts(work_dir)}
@@ -109,7 +152,6 @@ def _remove_stale_temp_files(folder_uri: str) -> None:
 def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
     """Run every pending unit of the plan; returns counts of this run."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from stages.data import caption as caption_stage, filter as filter_stage
     from stages.data.runner import Resources
@@ -142,24 +184,13 @@ def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
     read = Resources.from_config(icfg)
     log.info("data pass: %d units pending; readers %s, %d shard writers, model stages: %s", len(pending),
              read.concurrency or "as the CPUs allow", n_writers, [m[0].__name__ for m in models] or "none")
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
-    ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", zero_copy_batch=True,
-                        fn_kwargs={"opts": opts, "work_dir": work_dir, "writers": None if models else writers},
-                        compute=TaskPoolStrategy(size=read.pool_size(len(pending))), **read.remote_args())
-    for actor_cls, args, res in models:
-        ds = ds.map_batches(actor_cls, batch_size=None, batch_format="pyarrow", fn_constructor_kwargs=args,
-                            compute=ActorPoolStrategy(size=res.concurrency or 1), **res.remote_args())
-    if models:
-        ds = ds.map_batches(forward, batch_size=None, batch_format="pyarrow", fn_kwargs={"writers": writers},
-                            # it only waits on a writer: no CPU reserved
-                            compute=TaskPoolStrategy(size=min(len(pending), max(2, n_writers))), num_cpus=0)
-    started, last_tick, rows = time.monotonic(), time.monotonic(), 0
+    started = time.monotonic()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows += sum(batch.column("rows").to_pylist())
-            if time.monotonic() - last_tick > TICK_S:
-                ray.get([w.tick.remote() for w in writers])
-                last_tick = time.monotonic()
+        if models:
+            rows = _run_dataset(pending, opts, work_dir, writers, read, models, n_writers)
+        else:
+            rows = _run_reader_tasks(pending, opts, work_dir, writers, read,
+                                     float(cfg.get("ray", {}).get("progress_interval_s", 30) or 30))
         summaries = ray.get([w.close.remote() for w in writers])
     except BaseException:
         # Open tars are dropped, never published half-written; finished units keep their parts.
@@ -170,3 +201,28 @@ def run_pass(cfg: DictConfig, dataset_dir: str) -> dict[str, Any]:
         raise RuntimeError(f"data pass: units {[m['unit'] for m in missing[:10]]} produced no work part")
     return {"units_run": len(pending), "rows": rows, "seconds": round(time.monotonic() - started, 1),
             "shards_written": sum(s["shards"] for s in summaries)}
+
+
+def _run_dataset(pending: list[dict[str, Any]], opts: ReadOptions, work_dir: str, writers: list, read: Any,
+                 models: list, n_writers: int) -> int:
+    """With model stages: one Ray Data pipeline, readers → model actor pools → forwarders, so they overlap."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", zero_copy_batch=True,
+                        fn_kwargs={"opts": opts, "work_dir": work_dir, "writers": None},
+                        compute=TaskPoolStrategy(size=read.pool_size(len(pending))), **read.remote_args())
+    for actor_cls, args, res in models:
+        ds = ds.map_batches(actor_cls, batch_size=None, batch_format="pyarrow", fn_constructor_kwargs=args,
+                            compute=ActorPoolStrategy(size=res.concurrency or 1), **res.remote_args())
+    ds = ds.map_batches(forward, batch_size=None, batch_format="pyarrow", fn_kwargs={"writers": writers},
+                        # it only waits on a writer: no CPU reserved
+                        compute=TaskPoolStrategy(size=min(len(pending), max(2, n_writers))), num_cpus=0)
+    last_tick, rows = time.monotonic(), 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += sum(batch.column("rows").to_pylist())
+        if time.monotonic() - last_tick > TICK_S:
+            ray.get([w.tick.remote() for w in writers])
+            last_tick = time.monotonic()
+    return rows
