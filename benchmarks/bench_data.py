@@ -5,7 +5,8 @@ same keys, buckets, hashes and image bytes in one-bucket tars plus a parquet man
 (benchmarks/bench_data_baseline.py) is a plain loop; the pipeline is the streaming pass on an embedded Ray with one
 reader task at a time (then two), its shard writer, the dedup, manifest, shard index, stats and plots. Every run is a
 fresh process; CPU is summed over every process of a side (Ray's included); sizes alternate between the sides,
-`BENCH_DATA_REPEATS` times each (3), and medians are fitted over the sizes: wall = intercept + slope × images.
+`BENCH_DATA_REPEATS` times each (5: on 2 cores one repeat's ratio moves by ±0.07), and medians are fitted over the
+sizes: wall = intercept + slope × images.
 The per-core ratio of each repeat alone is reported beside the medians' (this machine's speed moves by 15-30% between
 minutes), and the pipeline's CPU is split into its Ray workers, its driver and Ray's daemons.
 
@@ -108,7 +109,7 @@ def _per_repeat_ratios(sizes: tuple[int, ...], runs: dict, repeats: int) -> list
 
 def main(sizes: tuple[int, ...] | None = None, repeats: int | None = None) -> dict:
     sizes = tuple(sorted(sizes or sizes_from_env()))
-    repeats = repeats or int(os.environ.get("BENCH_DATA_REPEATS", "3"))
+    repeats = repeats or int(os.environ.get("BENCH_DATA_REPEATS", "5"))
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         generated = photo_folder(os.path.join(tmp, "photos"), max(sizes))
         runs: dict[int, dict[str, list[dict]]] = {}

@@ -155,8 +155,10 @@ def dedup_rows(rows: list[dict[str, Any]]) -> None:
 def process_unit(raw_samples: Iterable[dict[str, Any]], unit: int, opts: SampleOptions) -> pa.Table:
     """The sample table of one unit: every input, sorted by key, duplicates within the unit rejected."""
     table = bucket_table(opts.resolution, opts.multiple)
-    raws = list(raw_samples)
-    rows = [process_sample(raw, unit, opts, table) for raw in raws]
+    raws, rows = [], []
+    for raw in raw_samples:  # as they arrive: a URL unit's checks run while its later downloads are in flight
+        raws.append(raw)
+        rows.append(process_sample(raw, unit, opts, table))
     dedup_rows(rows)
     order = sorted(range(len(rows)), key=lambda i: rows[i]["key"])
     rows, raws = [rows[i] for i in order], [raws[i] for i in order]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ def _raw(key: str, data: bytes) -> dict:
     return {"key": key, "image": data, "caption_raw": f"c {key}", "source": key, "meta": {}}
 
 
-def _unit(raws: list[dict], unit: int = 0, **opts) -> pa.Table:
+def _unit(raws: Iterable[dict], unit: int = 0, **opts) -> pa.Table:
     table = process.process_unit(raws, unit, SampleOptions(**opts))
     n = table.num_rows
     return table.set_column(table.schema.get_field_index("unit_size"), "unit_size", pa.array([n] * n, pa.int32()))
@@ -42,6 +43,26 @@ def test_assign_nearest_bucket_and_keep_bytes():
     assert (rows["wide"]["bucket_h"], rows["wide"]["bucket_w"]) == (512, 2048)  # h/w 0.25: the edge bucket
     assert (rows["tall"]["bucket_h"], rows["tall"]["bucket_w"]) == (2048, 512)
     assert rows["square"]["image"] == square  # untouched bytes
+
+
+def test_each_sample_is_processed_as_it_arrives(monkeypatch):
+    """A URL unit yields samples as downloads finish: checking one must not wait for the whole unit to arrive, so
+    the checks overlap the downloads still in flight."""
+    events, real = [], process.process_sample
+
+    def arrivals():
+        for key in ("b", "a"):
+            events.append(f"arrived {key}")
+            yield _raw(key, _encode(64, 64, "PNG"))
+
+    def recorded(raw, *args):
+        events.append(f"checked {raw['key']}")
+        return real(raw, *args)
+
+    monkeypatch.setattr(process, "process_sample", recorded)
+    table = _unit(arrivals())
+    assert events == ["arrived b", "checked b", "arrived a", "checked a"]
+    assert table.column("key").to_pylist() == ["a", "b"]  # the table is still in key order
 
 
 def test_scaled_table_and_downscale_keeps_original_size():
