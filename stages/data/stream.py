@@ -91,6 +91,16 @@ def read_and_forward(entry: dict[str, Any], opts: ReadOptions, work_dir: str, wr
     return sum(summary.column("rows").to_pylist())
 
 
+def _tick_when_due(writers: list, last_tick: float) -> float:
+    """Every TICK_S the writers close tars open longer than `buckets.shard_max_open_s`; the time of the last tick."""
+    import ray
+
+    if time.monotonic() - last_tick <= TICK_S:
+        return last_tick
+    ray.get([w.tick.remote() for w in writers])
+    return time.monotonic()
+
+
 def _task_window(read: Any, cluster_cpus: float, pending: int) -> int:
     """Reader tasks kept submitted at once: the configured concurrency, else twice what the cluster's CPUs run (so a
     freed CPU finds the next unit queued; memory stays bounded by the window × one unit)."""
@@ -120,9 +130,7 @@ def _run_reader_tasks(pending: list[dict[str, Any]], opts: ReadOptions, work_dir
             for rows_of_unit in ray.get(done):  # a failed unit raises here, as Ray Data would
                 rows += rows_of_unit
                 bar.update(1)
-            if time.monotonic() - last_tick > TICK_S:
-                ray.get([w.tick.remote() for w in writers])
-                last_tick = time.monotonic()
+            last_tick = _tick_when_due(writers, last_tick)
 
 
 def pending_units(plan_dir: str, work_dir: str) -> list[dict[str, Any]]:
@@ -222,7 +230,5 @@ def _run_dataset(pending: list[dict[str, Any]], opts: ReadOptions, work_dir: str
     last_tick, rows = time.monotonic(), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += sum(batch.column("rows").to_pylist())
-        if time.monotonic() - last_tick > TICK_S:
-            ray.get([w.tick.remote() for w in writers])
-            last_tick = time.monotonic()
+        last_tick = _tick_when_due(writers, last_tick)
     return rows
