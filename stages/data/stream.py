@@ -76,19 +76,25 @@ def forward(table: pa.Table, writers: list) -> pa.Table:
     return pa.table({"unit": [unit], "rows": [table.num_rows]})
 
 
-def read_units(batch: dict[str, Any], opts: ReadOptions, work_dir: str, writers: list | None) -> pa.Table:
-    """Ray Data task body: read one unit (batch_size=1); forward it to a writer when no model stage follows."""
-    unit = plan.read_unit(str(batch["part"][0]), int(batch["group"][0]))
+def read_pending_unit(part: str, group: int, opts: ReadOptions, work_dir: str) -> pa.Table:
+    """Read one pending unit from its plan part; a unit with no input at all is finished here (nothing to write)."""
+    unit = plan.read_unit(part, group)
     table = read_unit_table(unit, opts, _node_id())
-    if table.num_rows == 0:  # nothing to write: the unit is done as it is
+    if table.num_rows == 0:
         shards.write_unit(work_dir, int(unit["unit"]), [], [], _node_id())
-    return forward(table, writers) if writers is not None else table
+    return table
+
+
+def read_units(batch: dict[str, Any], opts: ReadOptions, work_dir: str) -> pa.Table:
+    """Ray Data task body (batch_size=1), when model stages follow."""
+    return read_pending_unit(str(batch["part"][0]), int(batch["group"][0]), opts, work_dir)
 
 
 def read_and_forward(entry: dict[str, Any], opts: ReadOptions, work_dir: str, writers: list) -> int:
     """Ray task body when no model stage follows: read one pending unit, hand it to its writer; its row count."""
-    summary = read_units({"part": [entry["part"]], "group": [entry["group"]]}, opts, work_dir, writers)
-    return sum(summary.column("rows").to_pylist())
+    table = read_pending_unit(str(entry["part"]), int(entry["group"]), opts, work_dir)
+    forward(table, writers)
+    return table.num_rows
 
 
 def _tick_when_due(writers: list, last_tick: float) -> float:
@@ -219,7 +225,7 @@ def _run_dataset(pending: list[dict[str, Any]], opts: ReadOptions, work_dir: str
 
     ds = ray.data.from_items(pending, override_num_blocks=len(pending))
     ds = ds.map_batches(read_units, batch_size=1, batch_format="numpy", zero_copy_batch=True,
-                        fn_kwargs={"opts": opts, "work_dir": work_dir, "writers": None},
+                        fn_kwargs={"opts": opts, "work_dir": work_dir},
                         compute=TaskPoolStrategy(size=read.pool_size(len(pending))), **read.remote_args())
     for actor_cls, args, res in models:
         ds = ds.map_batches(actor_cls, batch_size=None, batch_format="pyarrow", fn_constructor_kwargs=args,
