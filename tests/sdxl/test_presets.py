@@ -145,3 +145,37 @@ def test_vae_config_widens_the_autoencoder_but_keeps_its_latent_grid():
     assert list(build_vae(preset, config=wide).config.block_out_channels) == [32, 64, 64]
     with pytest.raises(ValueError, match="does not fit preset 'tiny'"):
         build_vae(preset, config=get_preset("full").vae)
+
+
+def test_micro_is_tiny_with_one_block_per_unet_level():
+    """The learning check's preset: tiny's structure and every other component, fewer blocks per UNet level."""
+    tiny, micro = get_preset("tiny"), get_preset("micro")
+    assert micro.name == "micro"
+    for kind in ("base", "refiner"):
+        t, m = tiny.unet_config(kind), micro.unet_config(kind)
+        assert m["layers_per_block"] == 1 and t["layers_per_block"] == 2
+        assert {k: v for k, v in m.items() if k not in ("layers_per_block", "transformer_layers_per_block")} == {
+            k: v for k, v in t.items() if k not in ("layers_per_block", "transformer_layers_per_block")}
+    assert micro.unet_base["transformer_layers_per_block"] == [1, 1, 1]
+    assert (micro.vae, micro.text_encoder_l, micro.text_encoder_g) == (tiny.vae, tiny.text_encoder_l,
+                                                                        tiny.text_encoder_g)
+    assert micro.clip_l_embedding_std == tiny.clip_l_embedding_std
+    assert micro.context_dim_base == tiny.context_dim_base and micro.pooled_dim == tiny.pooled_dim
+
+
+def test_micro_components_round_trip_through_a_single_file(tmp_path):
+    """One block per level changes the original layout's block numbering (input_blocks.N); the file still maps back."""
+    import torch
+
+    from sdxl.models import build_components
+    from sdxl.single_file import load_single_file, save_single_file
+
+    comps = build_components("micro", kind="base", seed=0)
+    path = str(tmp_path / "micro.safetensors")
+    save_single_file(path, "base", comps.unet, comps.vae, comps.text_encoder_g, comps.text_encoder_l)
+    loaded = load_single_file(path, "micro")
+    for name, module in (("unet", comps.unet), ("vae", comps.vae)):
+        expected, got = module.state_dict(), loaded[name].state_dict()
+        assert set(got) == set(expected), name
+        assert all(torch.equal(expected[k], got[k]) for k in expected), name
+    assert len(comps.unet.down_blocks[1].attentions) == 1
