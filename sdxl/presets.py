@@ -16,8 +16,7 @@ per level (SDXL: 64-channel heads, so 320/64 = 5 heads, and so on).
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 CLIP_VOCAB_SIZE = 49408  # the CLIP BPE vocabulary shared by both text encoders
 TOKENIZER_MAX_LENGTH = 77
@@ -237,7 +236,7 @@ def _micro() -> ModelPreset:
     tiny = _tiny()
     unet_base = dict(tiny.unet_base, layers_per_block=1, transformer_layers_per_block=[1, 1, 1])
     unet_refiner = dict(tiny.unet_refiner, layers_per_block=1)
-    return dataclasses.replace(tiny, name="micro", unet_base=unet_base, unet_refiner=unet_refiner)
+    return replace(tiny, name="micro", unet_base=unet_base, unet_refiner=unet_refiner)
 
 
 _PRESETS = {"full": _full, "tiny": _tiny, "micro": _micro}

@@ -204,3 +204,12 @@ def test_unet_table_is_a_bijection_at_full_size():
         original = table.convert(state, True, key)
         assert len(original) == len(state)
         assert set(table.convert(original, False, key)) == set(state)
+
+
+def test_micro_components_round_trip_through_a_single_file(tmp_path):
+    """One block per level changes the original layout's block numbering (input_blocks.N); the file still maps back."""
+    micro = build_components("micro", kind="base", seed=0)
+    path = str(tmp_path / "micro.safetensors")
+    save_single_file(path, "base", micro.unet, micro.vae, micro.text_encoder_g, micro.text_encoder_l)
+    _assert_same_weights({"unet": micro.unet, "vae": micro.vae}, load_single_file(path, "micro"))
+    assert len(micro.unet.down_blocks[1].attentions) == 1
