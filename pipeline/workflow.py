@@ -1,9 +1,10 @@
 """Chained stages (the `demo` and `learning_check` workflows) with completion markers, so a re-run skips what is done.
 
-A chain is declarative: `workflow.chain` lists step names, `workflow.overrides.<step>` adds overrides for one
-step. A step is a stage name, or a name `workflow.aliases` maps to a stage (so one stage can run twice with different
-overrides, e.g. `evaluate_vae: evaluate`). Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user overrides>` would,
-and its MLflow run is nested under the workflow's run. A stage is skipped when its marker
+A chain is declarative: `workflow.chain` lists step names, `workflow.every_step` overrides that every step gets (the
+demo's `model.preset=micro`), `workflow.overrides.<step>` adds overrides for one step, after those. A step is a stage
+name, or a name `workflow.aliases` maps to a stage (so one stage can run twice with different overrides, e.g.
+`evaluate_vae: evaluate`). Each stage's config is composed exactly as `python pipeline/run.py stage=<name> <user
+overrides>` would, and its MLflow run is nested under the workflow's run. A stage is skipped when its marker
 `<root>/workflow/<name>/<stage>.json` records the same config hash and every output it listed, and every output the
 registry expects of it (`StageSpec.outputs`), still exists. The hash is chained: it covers the step's own config and
 the steps before it (their configs and when they last ran), because a later step reads what the earlier ones wrote:
@@ -126,13 +127,20 @@ def _flatten(overrides: list) -> list[str]:
     return flat
 
 
+def _section(cfg: DictConfig, key: str, empty):
+    value = cfg.workflow.get(key)
+    return OmegaConf.to_container(value, resolve=True) if value is not None else empty
+
+
 def chain_steps(cfg: DictConfig, root: str) -> list[tuple[str, str, list[str]]]:
-    """(step, the stage it runs, its own overrides: the chain's root first, then the step's list) per chain step;
-    what a step's config is composed from before the user's overrides (also for tools that rebuild it)."""
-    per_stage = OmegaConf.to_container(cfg.workflow.get("overrides") or {}, resolve=True)
-    aliases = cfg.workflow.get("aliases")
-    aliases = OmegaConf.to_container(aliases, resolve=True) if aliases is not None else {}
-    return [(step, str(aliases.get(step, step)), [f"paths.root={root}", *_flatten(per_stage.get(step, []))])
+    """(step, the stage it runs, its own overrides: the chain's root, then `workflow.every_step`, then the step's own
+    list) per chain step; what a step's config is composed from before the user's overrides (also for tools that
+    rebuild it)."""
+    per_stage = _section(cfg, "overrides", {})
+    aliases = _section(cfg, "aliases", {})
+    every_step = _flatten(_section(cfg, "every_step", []))
+    return [(step, str(aliases.get(step, step)),
+             [f"paths.root={root}", *every_step, *_flatten(per_stage.get(step, []))])
             for step in cfg.workflow.chain]
 
 

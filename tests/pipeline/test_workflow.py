@@ -159,3 +159,25 @@ def test_the_learning_check_writes_under_its_own_root(tmp_path):
     assert cfg["paths"]["root"] == f"{tmp_path}/learning_check"  # never the demo's runs
     assert cfg["workflow"]["chain"][-1] == "evaluate"
     assert set(cfg["learning_check"]["goals"]) == {"background_lightness_auc"}
+
+
+def test_every_step_gets_the_chains_shared_overrides_before_its_own_and_the_user_wins_over_both():
+    """`workflow.every_step` (the demo's `model.preset=micro`) reaches every step, the Serve app included; a step's
+    own list comes after it and wins; the user's command line wins over both."""
+    from pipeline.workflow import chain_steps, compose_stage_config
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        demo = compose(config_name="config", overrides=["stage=demo", "paths.root=/x"])
+        steps = {step: (stage, extra) for step, stage, extra in chain_steps(demo, "/x")}
+        assert all(extra[:2] == ["paths.root=/x", "model.preset=micro"] for _, extra in steps.values())
+        stage, extra = steps["generate"]
+        assert compose_stage_config(stage, [], extra).serve.preset == "micro"
+        stage, extra = steps["pretrain256"]
+        assert compose_stage_config(stage, [], extra).model.preset == "micro"
+        assert compose_stage_config(stage, ["model.preset=tiny"], extra).model.preset == "tiny"
+
+        shared = compose(config_name="config", overrides=["stage=demo", "paths.root=/x",
+                                                          'workflow.every_step=["model.preset=micro","train.lr=0.5"]'])
+        lr = {step: compose_stage_config(stage, [], extra).train.lr
+              for step, stage, extra in chain_steps(shared, "/x") if step in ("pretrain256", "evaluate")}
+    assert lr == {"pretrain256": 1.0e-3, "evaluate": 0.5}  # pretrain256 sets its own rate; evaluate does not
