@@ -140,7 +140,7 @@ def chain_steps(cfg: DictConfig, root: str) -> list[tuple[str, str, list[str]]]:
     aliases = _section(cfg, "aliases", {})
     every_step = _flatten(_section(cfg, "every_step", []))
     return [(step, str(aliases.get(step, step)),
-             [f"paths.root={root}", *every_step, *_flatten(per_stage.get(step, []))])
+             [f"paths.root={root}", *every_step, *_flatten(per_stage.get(step) or [])])
             for step in cfg.workflow.chain]
 
 
