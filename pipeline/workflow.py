@@ -119,28 +119,29 @@ def compose_stage_config(stage: str, user_overrides: list[str], extra: list[str]
     return _compose(stage, extra, applicable_overrides(stage, user_overrides, extra))
 
 
-def _flatten(overrides: list) -> list[str]:
-    """A step's overrides with nested lists spliced in: steps share settings through a YAML anchor (`- *recipe`)."""
+def _flatten(overrides: list | None) -> list[str]:
+    """A step's overrides with nested lists spliced in: steps share settings through a YAML anchor (`- *recipe`).
+    An empty YAML entry (None) has none."""
     flat: list[str] = []
-    for item in overrides:
+    for item in overrides or []:
         flat += _flatten(item) if isinstance(item, list) else [str(item)]
     return flat
 
 
-def _section(cfg: DictConfig, key: str, empty):
+def _section(cfg: DictConfig, key: str):
+    """`workflow.<key>` as plain Python; None when it is absent or empty."""
     value = cfg.workflow.get(key)
-    return OmegaConf.to_container(value, resolve=True) if value is not None else empty
+    return None if value is None else OmegaConf.to_container(value, resolve=True)
 
 
 def chain_steps(cfg: DictConfig, root: str) -> list[tuple[str, str, list[str]]]:
     """(step, the stage it runs, its own overrides: the chain's root, then `workflow.every_step`, then the step's own
     list) per chain step; what a step's config is composed from before the user's overrides (also for tools that
     rebuild it)."""
-    per_stage = _section(cfg, "overrides", {})
-    aliases = _section(cfg, "aliases", {})
-    every_step = _flatten(_section(cfg, "every_step", []))
-    return [(step, str(aliases.get(step, step)),
-             [f"paths.root={root}", *every_step, *_flatten(per_stage.get(step) or [])])
+    per_stage = _section(cfg, "overrides") or {}
+    aliases = _section(cfg, "aliases") or {}
+    every_step = _flatten(_section(cfg, "every_step"))
+    return [(step, str(aliases.get(step, step)), [f"paths.root={root}", *every_step, *_flatten(per_stage.get(step))])
             for step in cfg.workflow.chain]
 
 
