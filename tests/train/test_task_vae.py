@@ -69,6 +69,42 @@ def test_vae_edge_term_enters_the_loss_when_weighted(root):
     assert "edge_loss" not in off.loss(model, first_batch(cfg), torch.Generator().manual_seed(0))[1]
 
 
+def test_random_crops_are_windows_of_each_image_at_its_scale_with_corners_on_the_latent_grid():
+    from stages.train.task_vae import random_crops
+
+    pixels = torch.arange(8 * 3 * 64 * 48, dtype=torch.float32).reshape(8, 3, 64, 48)
+    crops = random_crops(pixels, 32, 4, torch.Generator().manual_seed(0))
+    assert crops.shape == (8, 3, 32, 32)
+    corners = set()
+    for image, crop in zip(pixels, crops):
+        # the window's first pixel names its corner in the source image
+        top, left = divmod(int(crop[0, 0, 0].item() - image[0, 0, 0].item()), 48)
+        assert top % 4 == 0 and left % 4 == 0 and top <= 32 and left <= 16
+        assert torch.equal(crop, image[:, top:top + 32, left:left + 32])
+        corners.add((top, left))
+    assert len(corners) > 1  # each image gets its own place
+    again = random_crops(pixels, 32, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(again, crops)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        random_crops(pixels, 30, 4, torch.Generator())
+    with pytest.raises(ValueError, match="at most"):
+        random_crops(pixels, 56, 4, torch.Generator())
+
+
+def test_vae_trains_on_crops_when_crop_size_is_set(root):
+    cfg = stage_cfg("train_vae", root, overrides=["train.vae.gan_weight=0", "train.vae.crop_size=16"])
+    task = make_task(cfg)
+    model = task.build_model()
+    task.setup(torch.device("cpu"))
+    batch = first_batch(cfg)
+    assert batch["pixels"].shape[-1] > 16
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    loss, metrics = task.loss(model, batch, torch.Generator().manual_seed(0))
+    assert seen[0][-2:] == (16, 16) and torch.isfinite(loss) and metrics["psnr"] > 0
+    loss.backward()
+
+
 def test_a_wider_autoencoder_trains_and_the_diffusion_stages_load_it_from_its_saved_config(root, tmp_path):
     from stages.train.task_components import build_frozen_vae
 
