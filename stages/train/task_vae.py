@@ -109,12 +109,12 @@ def random_crops(pixels: torch.Tensor, size: int, multiple: int, generator: torc
     """One ``size``×``size`` window per image at a random place, its corner on the latent grid (``multiple`` pixels),
     so the crops keep the images' scale and their pixels' phase against the latents.
 
-    Why: the autoencoder is convolutional, so it learns the same filters from windows of the images at their own
-    scale as from whole images at a quarter of the cost per step for half-side windows; downscaling the images
-    instead changes the objects' scale in pixels and the latent space the base then has to learn (docs/decisions.md,
-    2026-12-05)."""
+    Why: the autoencoder is convolutional, so windows of the images at their own scale train the same filters as
+    whole images, at a quarter of the cost per step for half-side windows (though it learns no faster per pixel seen);
+    downscaling the images instead changes the objects' scale in pixels and the latent space the base then has to
+    learn (docs/decisions.md, 2026-12-05 13:55 and 18:15 UTC)."""
     height, width = pixels.shape[-2:]
-    if size % multiple or size > min(height, width):
+    if size <= 0 or size % multiple or size > min(height, width):
         raise ValueError(f"train.vae.crop_size={size} must be a multiple of {multiple} and at most the images' "
                          f"{height}x{width}")
     tops = torch.randint(0, (height - size) // multiple + 1, (pixels.shape[0],), generator=generator,
@@ -144,6 +144,10 @@ class VAETask(TrainTask):
         self.vae_config = self.preset.vae_config(self.settings["block_out_channels"], self.settings["layers_per_block"])
         if bool(cfg.loader.get("cached", False)):
             raise ValueError("train.task=vae trains on pixels: set loader.cached=false")
+        crop, down = self.settings["crop_size"], self.preset.vae_downsample
+        if crop is not None and (int(crop) <= 0 or int(crop) % down or int(crop) > int(cfg.loader.resolution)):
+            raise ValueError(f"train.vae.crop_size={crop} must be a positive multiple of {down} (the latent grid) "
+                             f"and at most loader.resolution={cfg.loader.resolution}")
         self.init_path = resolve_init_from(cfg)
         self.device = torch.device("cpu")
         self.discriminator = None

@@ -103,6 +103,9 @@ def test_vae_trains_on_crops_when_crop_size_is_set(root):
     loss, metrics = task.loss(model, batch, torch.Generator().manual_seed(0))
     assert seen[0][-2:] == (16, 16) and torch.isfinite(loss) and metrics["psnr"] > 0
     loss.backward()
+    for bad in (18, 0, 4096):  # off the latent grid, empty, larger than the images: refused before any work
+        with pytest.raises(ValueError, match="crop_size"):
+            make_task(stage_cfg("train_vae", root, overrides=[f"train.vae.crop_size={bad}"]))
 
 
 def test_a_wider_autoencoder_trains_and_the_diffusion_stages_load_it_from_its_saved_config(root, tmp_path):
