@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from sdxl.crops import bucket_crop_resize
+from sdxl.crops import bucket_crop_resize, crop
 from sdxl.diffusion import make_noise
 from sdxl.latent_scale import measure_scaling_factor
 from sdxl.models import build_vae
@@ -121,7 +121,7 @@ def random_crops(pixels: torch.Tensor, size: int, multiple: int, generator: torc
                          device=generator.device) * multiple
     lefts = torch.randint(0, (width - size) // multiple + 1, (pixels.shape[0],), generator=generator,
                           device=generator.device) * multiple
-    return torch.stack([image[:, top:top + size, left:left + size]
+    return torch.stack([crop(image, top, left, size, size)
                         for image, top, left in zip(pixels, tops.tolist(), lefts.tolist())])
 
 
@@ -144,9 +144,11 @@ class VAETask(TrainTask):
         self.vae_config = self.preset.vae_config(self.settings["block_out_channels"], self.settings["layers_per_block"])
         if bool(cfg.loader.get("cached", False)):
             raise ValueError("train.task=vae trains on pixels: set loader.cached=false")
-        crop, down = self.settings["crop_size"], self.preset.vae_downsample
-        if crop is not None and (int(crop) <= 0 or int(crop) % down or int(crop) > int(cfg.loader.resolution)):
-            raise ValueError(f"train.vae.crop_size={crop} must be a positive multiple of {down} (the latent grid) "
+        crop_size, down = self.settings["crop_size"], self.preset.vae_downsample
+        self.crop_size = None if crop_size is None else int(crop_size)
+        if self.crop_size is not None and (self.crop_size <= 0 or self.crop_size % down
+                                           or self.crop_size > int(cfg.loader.resolution)):
+            raise ValueError(f"train.vae.crop_size={crop_size} must be a positive multiple of {down} (the latent grid) "
                              f"and at most loader.resolution={cfg.loader.resolution}")
         self.init_path = resolve_init_from(cfg)
         self.device = torch.device("cpu")
@@ -203,8 +205,8 @@ class VAETask(TrainTask):
         s = self.settings
         pixels = batch["pixels"].to(self.device, torch.float32)
         down = self.preset.vae_downsample
-        if s["crop_size"] is not None:
-            pixels = random_crops(pixels, int(s["crop_size"]), down, generator)
+        if self.crop_size is not None:
+            pixels = random_crops(pixels, self.crop_size, down, generator)
         noise = make_noise((pixels.shape[0], self.preset.latent_channels, pixels.shape[2] // down,
                             pixels.shape[3] // down), 0.0, generator, self.device)
         recon, mean, logvar = model(pixels, noise)
